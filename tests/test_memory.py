@@ -234,3 +234,41 @@ def test_attach_checks_fd_size(impl) -> None:
             impl.TaggedMemory(1 << 20, fd=fd)
     finally:
         os.close(fd)
+
+
+def test_window_maps_only_its_own_region(impl) -> None:
+    whole = impl.TaggedMemory(4 << 20)
+    try:
+        root = whole.root_capability()
+        offset, size = 1 << 20, 512 << 10
+        region_base = whole.base + offset
+        window = impl.TaggedMemory(size, base=region_base, fd=os.dup(whole.fd), offset=offset,
+                                   segment_size=whole.size)
+        try:
+            whole.store(root, region_base + 32, b"shared")
+            whole.store_capability(root, region_base + 64, root)
+            assert window.load(root, region_base + 32, 6) == b"shared"
+            assert window.tag_at(region_base + 64) and not window.tag_at(region_base + 32)
+            window.store(root, region_base + 64, b"x")
+            assert not whole.tag_at(region_base + 64)
+            with pytest.raises(UnmappedFault):
+                window.load(root, region_base - 16, 16)
+            with pytest.raises(UnmappedFault):
+                window.load(root, region_base + size, 1)
+        finally:
+            window.close()
+        with pytest.raises(ValueError, match="multiples of"):
+            impl.TaggedMemory(4096, base=region_base, fd=whole.fd, offset=4096, segment_size=whole.size)
+    finally:
+        whole.close()
+
+
+def test_writable_view_writes_in_place_and_clears_tags(memory) -> None:
+    root = memory.root_capability()
+    memory.store_capability(root, root.base + 32, root)
+    view = memory.writable_view(root, root.base + 16, 64)
+    assert not view.readonly and not memory.tag_at(root.base + 32)
+    view[:5] = b"bytes"
+    assert memory.load(root, root.base + 16, 5) == b"bytes"
+    with pytest.raises(PermissionFault, match="STORE"):
+        memory.writable_view(root.clear_permissions(Perm.STORE), root.base, 16)

@@ -34,27 +34,36 @@ def _check_int(name: str, value: Any) -> int:
 class TaggedMemory:
     """The shared segment: data bytes plus one tag bit per granule, reached only through capabilities."""
 
-    def __init__(self, size: int, *, base: int = DEFAULT_SEGMENT_BASE, fd: int | None = None) -> None:
-        check_segment(size, base)
+    def __init__(self, size: int, *, base: int = DEFAULT_SEGMENT_BASE, fd: int | None = None,
+                 offset: int = 0, segment_size: int | None = None) -> None:
+        segment_size = size if segment_size is None else segment_size
+        check_segment(size, base, offset, segment_size)
         self.size = size
         self.base = base
-        self._tag_offset = size
-        total = size + tag_bytes_for(size)
+        needed = segment_size + tag_bytes_for(segment_size)
         if fd is None:
+            if offset or segment_size != size:
+                raise ValueError("a window (offset, segment_size) needs the fd of an existing segment")
             fd = os.memfd_create("capfaas-segment", os.MFD_CLOEXEC)
-            os.ftruncate(fd, total)
-        elif os.fstat(fd).st_size < total:
-            raise ValueError(f"fd {fd} holds {os.fstat(fd).st_size} bytes; a {size}-byte segment needs {total}")
+            os.ftruncate(fd, needed)
+        elif os.fstat(fd).st_size < needed:
+            raise ValueError(f"fd {fd} holds {os.fstat(fd).st_size} bytes; a {segment_size}-byte segment needs {needed}")
         self.fd = fd
-        self._map = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._view = memoryview(self._map)
+        protection = mmap.PROT_READ | mmap.PROT_WRITE
+        self._data_map = mmap.mmap(fd, size, mmap.MAP_SHARED, protection, offset=offset)
+        self._tag_map = mmap.mmap(fd, tag_bytes_for(size), mmap.MAP_SHARED, protection,
+                                  offset=segment_size + offset // (GRANULE * 8))
+        self._data = memoryview(self._data_map)
+        self._tags = memoryview(self._tag_map)
 
     def close(self) -> None:
         """Unmap the segment and close its fd; idempotent."""
-        if self._view is not None:
-            self._view.release()
-            self._view = None  # type: ignore[assignment]
-            self._map.close()
+        if self._data is not None:
+            self._data.release()
+            self._tags.release()
+            self._data = self._tags = None  # type: ignore[assignment]
+            self._data_map.close()
+            self._tag_map.close()
             os.close(self.fd)
 
     def __enter__(self) -> TaggedMemory:
@@ -91,16 +100,15 @@ class TaggedMemory:
         if size == 0:
             return
         first, last = offset // GRANULE, (offset + size - 1) // GRANULE
-        view, tags = self._view, self._tag_offset
+        tags = self._tags
         first_byte, last_byte = first >> 3, last >> 3
         if first_byte == last_byte:
-            keep = ~(((1 << (last - first + 1)) - 1) << (first & 7)) & 0xFF
-            view[tags + first_byte] &= keep
+            tags[first_byte] &= ~(((1 << (last - first + 1)) - 1) << (first & 7)) & 0xFF
             return
-        view[tags + first_byte] &= (1 << (first & 7)) - 1
-        view[tags + last_byte] &= ~((2 << (last & 7)) - 1) & 0xFF
+        tags[first_byte] &= (1 << (first & 7)) - 1
+        tags[last_byte] &= ~((2 << (last & 7)) - 1) & 0xFF
         if last_byte > first_byte + 1:
-            view[tags + first_byte + 1:tags + last_byte] = bytes(last_byte - first_byte - 1)
+            tags[first_byte + 1:last_byte] = bytes(last_byte - first_byte - 1)
 
     def _aligned(self, cap: Capability, address: int, access: str) -> None:
         if address % GRANULE:
@@ -111,16 +119,16 @@ class TaggedMemory:
 
     def load(self, cap: Capability, address: int, size: int) -> bytes:
         offset = self._offset(cap, address, size, _LOAD, "load")
-        return self._view[offset:offset + size].tobytes()
+        return self._data[offset:offset + size].tobytes()
 
     def load_u64(self, cap: Capability, address: int) -> int:
         offset = self._offset(cap, address, 8, _LOAD, "load")
-        return _U64.unpack_from(self._view, offset)[0]
+        return _U64.unpack_from(self._data, offset)[0]
 
     def store(self, cap: Capability, address: int, data: Any) -> None:
         data = memoryview(data).cast("B")
         offset = self._offset(cap, address, len(data), _STORE, "store")
-        self._view[offset:offset + len(data)] = data
+        self._data[offset:offset + len(data)] = data
         self._clear_tags(offset, len(data))
 
     def store_u64(self, cap: Capability, address: int, value: int) -> None:
@@ -129,20 +137,27 @@ class TaggedMemory:
         if not 0 <= value < 1 << 64:
             raise ValueError(f"value must be in [0, 2**64), got {value:#x}")
         offset = self._offset(cap, address, 8, _STORE, "store")
-        _U64.pack_into(self._view, offset, value)
+        _U64.pack_into(self._data, offset, value)
         self._clear_tags(offset, 8)
 
     def copy(self, dst: Capability, dst_address: int, src: Capability, src_address: int, size: int) -> None:
         """memmove through two capabilities; the destination's tags are cleared."""
         src_offset = self._offset(src, src_address, size, _LOAD, "load")
         dst_offset = self._offset(dst, dst_address, size, _STORE, "store")
-        self._view[dst_offset:dst_offset + size] = self._view[src_offset:src_offset + size]
+        self._data[dst_offset:dst_offset + size] = self._data[src_offset:src_offset + size]
         self._clear_tags(dst_offset, size)
 
     def view(self, cap: Capability, address: int, size: int) -> memoryview:
         """A read-only, zero-copy window on ``size`` bytes, checked once."""
         offset = self._offset(cap, address, size, _LOAD, "load")
-        return self._view[offset:offset + size].toreadonly()
+        return self._data[offset:offset + size].toreadonly()
+
+    def writable_view(self, cap: Capability, address: int, size: int) -> memoryview:
+        """A writable, zero-copy window, checked once for Load and Store; its tags are cleared now,
+        as any data store would, so bytes written through it can never pass for a capability."""
+        offset = self._offset(cap, address, size, _LOAD | _STORE, "store")
+        self._clear_tags(offset, size)
+        return self._data[offset:offset + size]
 
     # -- capabilities --------------------------------------------------------------------------
 
@@ -152,13 +167,13 @@ class TaggedMemory:
         if not 0 <= offset < self.size:
             raise ValueError(f"address {address:#x} is outside the segment")
         granule = offset // GRANULE
-        return bool(self._view[self._tag_offset + (granule >> 3)] >> (granule & 7) & 1)
+        return bool(self._tags[granule >> 3] >> (granule & 7) & 1)
 
     def load_capability(self, auth: Capability, address: int) -> Capability:
         offset = self._offset(auth, address, GRANULE, _LOAD, "load capability")
         self._aligned(auth, address, "load capability")
         tag = self.tag_at(address) and bool(auth.perms & Perm.LOAD_CAP)
-        loaded = Capability.from_bytes(self._view[offset:offset + GRANULE], tag)
+        loaded = Capability.from_bytes(self._data[offset:offset + GRANULE], tag)
         if tag and not loaded.sealed and not auth.perms & Perm.MUTABLE_LOAD:
             loaded = loaded.clear_permissions(loaded.perms & _LOSES_WITHOUT_MUTABLE_LOAD)
         return loaded
@@ -173,8 +188,8 @@ class TaggedMemory:
                 required |= Perm.STORE_LOCAL_CAP
         offset = self._offset(auth, address, GRANULE, int(required), "store capability")
         self._aligned(auth, address, "store capability")
-        self._view[offset:offset + GRANULE] = cap.to_bytes()
+        self._data[offset:offset + GRANULE] = cap.to_bytes()
         granule = offset // GRANULE
-        index = self._tag_offset + (granule >> 3)
         bit = 1 << (granule & 7)
-        self._view[index] = self._view[index] | bit if cap.tag else self._view[index] & ~bit & 0xFF
+        tags = self._tags
+        tags[granule >> 3] = tags[granule >> 3] | bit if cap.tag else tags[granule >> 3] & ~bit & 0xFF
