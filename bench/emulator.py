@@ -72,16 +72,19 @@ def bench_small(cap_module: ModuleType, mem_module: ModuleType, quick: bool) -> 
     try:
         cap = mem.root_capability().add(0x100).set_bounds_exact(0x100)
         address = cap.base + 8
-        load = mem.load_u64
-        store = mem.store_u64
-        C = cap_module.Capability
-        pesbt, cursor = cap.pesbt, cap.cursor
-        set_bounds = cap.set_bounds
+        names = {"load": mem.load_u64, "store": mem.store_u64, "C": cap_module.Capability,
+                 "cap": cap, "address": address, "pesbt": cap.pesbt, "cursor": cap.cursor,
+                 "set_bounds": cap.set_bounds}
+
+        def per_call(statement: str) -> float:
+            timer = timeit.Timer(statement, globals=names)  # no wrapper call: just the operation
+            return min(timer.repeat(repeat=5, number=number)) / number
+
         figures = {
-            "load ns": best_seconds(lambda: load(cap, address), number, 5) * 1e9,
-            "store ns": best_seconds(lambda: store(cap, address, 42), number, 5) * 1e9,
-            "decode ops/s": 1 / best_seconds(lambda: C(True, pesbt, cursor), number, 5),
-            "set-bounds ops/s": 1 / best_seconds(lambda: set_bounds(0x40), number, 5),
+            "load ns": per_call("load(cap, address)") * 1e9,
+            "store ns": per_call("store(cap, address, 42)") * 1e9,
+            "decode ops/s": 1 / per_call("C(True, pesbt, cursor)"),
+            "set-bounds ops/s": 1 / per_call("set_bounds(0x40)"),
         }
     finally:
         mem.close()
