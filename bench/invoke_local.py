@@ -1,0 +1,131 @@
+"""Invoking a warm cVM, against the IPC floor, and handing payloads over by capability or by copy.
+
+Run: ``python bench/invoke_local.py`` (``--quick`` for a short run). Prints
+
+1. round-trip latency (p50, p99) of a bare socketpair echo between two processes (the IPC floor)
+   and of a no-op invocation intravisor -> warm cVM -> intravisor, and their ratios;
+2. for 1 KiB ... 64 MiB, the time to hand a payload already in shared memory to an echo function
+   and get it back as a capability, against sending the same bytes through the control channel.
+
+Figures and ratios only, never pass/fail.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from capfaas.core.backend import select_backend
+from capfaas.core.intravisor import Intravisor, Invocation
+from capfaas.core.spec import FunctionSpec, Limits
+from capfaas.plugin_manager import make_plugin_manager
+
+NOOP = "def handle(event, context):\n    return None\n"
+ECHO = "def handle(event, context):\n    return event.capability or bytes(event.body)\n"
+SIZES = [(1 << 10, "1 KiB"), (64 << 10, "64 KiB"), (1 << 20, "1 MiB"), (16 << 20, "16 MiB"), (64 << 20, "64 MiB")]
+MESSAGE = b"x" * 96
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def socketpair_floor(rounds: int) -> list[float]:
+    """Round trips of a small message to an echoing child process over a socketpair."""
+    parent, child = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        parent.close()
+        while data := child.recv(4096):
+            child.sendall(data)
+        os._exit(0)
+    child.close()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        parent.sendall(MESSAGE)
+        parent.recv(4096)
+        samples.append(time.perf_counter() - start)
+    parent.close()
+    os.waitpid(pid, 0)
+    return samples
+
+
+def function(directory: Path, name: str, code: str) -> FunctionSpec:
+    bundle = directory / name
+    bundle.mkdir()
+    (bundle / "fn.py").write_text(code)
+    return FunctionSpec(name=name, bundle=bundle, module="fn.py", limits=Limits(memory=1 << 30, timeout=120))
+
+
+async def invocation_latency(iv: Intravisor, spec: FunctionSpec, rounds: int) -> list[float]:
+    cvm = await iv.create(spec)
+    for _ in range(100):
+        await iv.invoke(cvm, Invocation())
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        await iv.invoke(cvm, Invocation())
+        samples.append(time.perf_counter() - start)
+    await iv.stop(cvm)
+    return samples
+
+
+async def handoff(iv: Intravisor, spec: FunctionSpec, quick: bool) -> list[tuple[str, float, float]]:
+    cvm = await iv.create(spec)
+    rows = []
+    for size, label in SIZES:
+        payload = os.urandom(size)
+        cap, view = iv.receive_buffer(cvm, size)
+        view[:] = payload  # already in shared memory, as the gateway leaves a request body
+        repeat = 5 if quick else 20
+        by_cap, by_copy = [], []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            result = await iv.invoke(cvm, Invocation(body=cap, length=size))
+            by_cap.append(time.perf_counter() - start)
+            assert len(result.body) == size
+            start = time.perf_counter()
+            result = await iv.invoke(cvm, Invocation(body=payload, inline=True))
+            by_copy.append(time.perf_counter() - start)
+            assert len(result.body) == size
+        rows.append((label, statistics.median(by_cap), statistics.median(by_copy)))
+    await iv.stop(cvm)
+    return rows
+
+
+async def run(quick: bool) -> None:
+    rounds = 2000 if quick else 20000
+    floor = socketpair_floor(rounds)
+    pm = make_plugin_manager()
+    backend = select_backend([c for group in pm.hook.capfaas_backends() for c in group], "emulated")
+    with tempfile.TemporaryDirectory() as scratch:
+        async with Intravisor(backend(), pm) as iv:
+            invoke = await invocation_latency(iv, function(Path(scratch), "noop", NOOP), rounds)
+            rows = await handoff(iv, function(Path(scratch), "echo", ECHO), quick)
+    print(f"no-op round trip over {rounds} calls (microseconds):")
+    print(f"  socketpair echo (IPC floor): p50 {percentile(floor, .5) * 1e6:7.1f}   p99 {percentile(floor, .99) * 1e6:7.1f}")
+    print(f"  intravisor -> cVM -> back:   p50 {percentile(invoke, .5) * 1e6:7.1f}   p99 {percentile(invoke, .99) * 1e6:7.1f}")
+    print(f"  ratio to the floor:          p50 {percentile(invoke, .5) / percentile(floor, .5):6.2f}x"
+          f"   p99 {percentile(invoke, .99) / percentile(floor, .99):6.2f}x")
+    print("\nhanding a payload to an echo function and back (median, milliseconds):")
+    for label, by_cap, by_copy in rows:
+        print(f"  {label:>7}: capability {by_cap * 1e3:8.3f}   copy through the channel {by_copy * 1e3:9.3f}")
+    first, last = rows[0], rows[-1]
+    print(f"  {last[0]} / {first[0]}: capability {last[1] / first[1]:5.2f}x   copy {last[2] / first[2]:8.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (for a smoke run)")
+    asyncio.run(run(parser.parse_args().quick))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The seam between the intravisor and the hardware: what a backend must provide.
+
+The intravisor (core) owns every cVM's authority, validates every capability crossing a cVM
+boundary and enforces limits; a backend supplies the memory that capabilities point into and
+starts the processes that run the in-cVM runtime. On ``emulated`` that is a shared memfd and a
+template process forking cVMs; on ``morello`` it is Intravisor's monitor running cVMs under
+CheriBSD, with the same runtime talking the same protocol over a socket.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .spec import FunctionSpec
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be selected or cannot start, with the reason in one sentence."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Region:
+    """A cVM's slice of the shared address space: ``[base, base + size)``, at ``offset`` in the segment."""
+
+    base: int
+    size: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """Everything a backend needs to start one cVM running the in-cVM runtime."""
+
+    cvm_id: int
+    spec: FunctionSpec
+    region: Region
+    ddc: Any
+    pcc: Any
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class CVMProcess(abc.ABC):
+    """A started cVM as the intravisor sees it: a control channel and a way to stop it."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    pid: int | None
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Stop the cVM at once (timeouts, crashes, shutdown)."""
+
+    @abc.abstractmethod
+    async def wait(self) -> str:
+        """Wait for the cVM to end and describe how: ``"exited with status 0"``, ``"killed by SIGKILL"`` …"""
+
+
+class Backend(abc.ABC):
+    """A source of cVMs. Subclasses are returned by the ``capfaas_backends`` hook."""
+
+    name: ClassVar[str]
+    priority: ClassVar[int]
+    """Higher is more capable; ``auto`` picks the available backend with the highest."""
+    description: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def availability(cls) -> Availability:
+        """Whether this host can run the backend, and if not, exactly which check failed."""
+
+    @abc.abstractmethod
+    async def start(self, segment_size: int) -> Any:
+        """Prepare the shared memory and any helper processes; return the memory (a ``TaggedMemory``)."""
+
+    @abc.abstractmethod
+    async def launch(self, request: LaunchRequest) -> CVMProcess:
+        """Start one cVM."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop every cVM and helper and release the memory."""
+
+
+def select_backend(classes: Iterable[type[Backend]], choice: str = "auto") -> type[Backend]:
+    """Pick a backend by name, or the most capable available one for ``auto``."""
+    by_name = {cls.name: cls for cls in classes}
+    names = ", ".join(["auto", *sorted(by_name)])
+    if choice == "auto":
+        usable = [cls for cls in by_name.values() if cls.availability().available]
+        if not usable:
+            raise BackendError(f"no backend is available on this host (choices: {names})")
+        return max(usable, key=lambda cls: cls.priority)
+    if choice not in by_name:
+        raise BackendError(f"unknown backend {choice!r}; choose one of: {names}")
+    availability = by_name[choice].availability()
+    if not availability.available:
+        raise BackendError(f"backend {choice!r} is not available here: {availability.reason}")
+    return by_name[choice]

@@ -1,0 +1,81 @@
+"""One cVM as the intravisor tracks it: its authority, its process, its lifecycle."""
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import wire
+from .backend import CVMProcess, Region
+from .capability import Capability
+from .spec import FunctionSpec
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    IDLE = "idle"
+    STOPPED = "stopped"
+
+
+class ChannelClosed(Exception):
+    """The cVM's end of the control channel went away (it crashed or was killed)."""
+
+
+class ProtocolViolation(Exception):
+    """The cVM sent something the protocol does not allow (too large, malformed)."""
+
+
+@dataclass(eq=False)
+class CVM:
+    """A function instance: region, root capabilities and the process running the runtime."""
+
+    id: int
+    spec: FunctionSpec
+    region: Region
+    ddc: Capability
+    pcc: Capability
+    process: CVMProcess
+    state: State = State.STARTING
+    invocations: int = 0
+    stop_reason: str = ""
+    grants: list[Capability] = field(default_factory=list)
+    """Capabilities the intravisor handed this cVM besides its own region (read-only payloads …)."""
+    _unpacker: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._unpacker = wire.unpacker(max_buffer_size=4 * self.spec.limits.output + (8 << 20))
+
+    @property
+    def authorities(self) -> list[Capability]:
+        """What this cVM may legitimately hand back: its DDC and every grant."""
+        return [self.ddc, *self.grants]
+
+    @property
+    def receive_area(self) -> tuple[int, int]:
+        """Where the intravisor places payloads for this cVM: the lower half of its region."""
+        return self.region.base, self.region.size // 2
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.process.writer.write(wire.pack(message))
+        await self.process.writer.drain()
+
+    async def receive(self) -> dict[str, Any]:
+        """The next message from the cVM; ChannelClosed at end of stream."""
+        while True:
+            try:
+                for message in self._unpacker:
+                    if not isinstance(message, dict):
+                        raise ProtocolViolation("a control message must be a map")
+                    return message
+            except ValueError as exc:  # msgpack's BufferFull, malformed ext types, bad data
+                raise ProtocolViolation(f"malformed control message: {exc}") from None
+            data = await self.process.reader.read(1 << 20)
+            if not data:
+                raise ChannelClosed()
+            try:
+                self._unpacker.feed(data)
+            except ValueError as exc:
+                raise ProtocolViolation(f"control message too large: {exc}") from None

@@ -1,0 +1,185 @@
+"""Handler conventions: what a function receives and what its return value becomes.
+
+The native style is OpenFaaS's python3-http ``handle(event, context)``; adapters accept the
+functions-framework style ``handler(request)`` and AWS Lambda's ``handler(event, context)`` with an
+API Gateway proxy payload, so code written for those platforms runs unchanged.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+Body = bytes | memoryview
+
+
+@dataclass
+class Event:
+    """One HTTP request as a function sees it. A large ``body`` is a read-only view of shared memory."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: Body
+    capability: Any = None
+    """The read-only capability the body was handed over with, when it came through shared memory."""
+
+    @property
+    def text(self) -> str:
+        return bytes(self.body).decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(bytes(self.body))
+
+
+@dataclass
+class Context:
+    """Who is running, until when, and where to log."""
+
+    function_name: str
+    invocation_id: str
+    deadline: float
+    """Absolute time (``time.time()``) at which the invocation is killed."""
+    logger: logging.Logger
+    share: Callable[[Any], Any] = field(repr=False, default=lambda data: None)
+    """``share(data)`` places bytes in this cVM's memory and returns a read-only capability to them."""
+
+    def remaining_time(self) -> float:
+        return max(0.0, self.deadline - time.time())
+
+    # AWS Lambda's names, so Lambda-style code finds what it expects.
+    @property
+    def aws_request_id(self) -> str:
+        return self.invocation_id
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int(self.remaining_time() * 1000)
+
+
+@dataclass
+class Response:
+    """A normalised result: status, headers, and a body that is bytes or a capability."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Any = b""
+
+
+class HandlerResultError(TypeError):
+    """A handler returned something capfaas cannot turn into a response."""
+
+
+def _body_and_type(body: Any, capability_type: type) -> tuple[Any, str | None]:
+    if body is None:
+        return b"", None
+    if isinstance(body, str):
+        return body.encode(), "text/plain; charset=utf-8"
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return body, "application/octet-stream"
+    if isinstance(body, capability_type):
+        return body, "application/octet-stream"
+    if isinstance(body, (dict, list)):
+        return json.dumps(body).encode(), "application/json"
+    raise HandlerResultError(f"cannot send a {type(body).__name__} as a response body; "
+                             "return str, bytes, a buffer, a capability, a dict or None")
+
+
+def normalise(result: Any, capability_type: type) -> Response:
+    """Turn a native handler's return value into a ``Response``."""
+    if isinstance(result, Mapping) and ("statusCode" in result or "body" in result):
+        body, content_type = _body_and_type(result.get("body"), capability_type)
+        headers = {str(k): str(v) for k, v in (result.get("headers") or {}).items()}
+        if content_type and not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = content_type
+        status = result.get("statusCode", 200)
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise HandlerResultError(f"statusCode must be an HTTP status (100-599), got {status!r}")
+        return Response(status, headers, body)
+    body, content_type = _body_and_type(result, capability_type)
+    return Response(200, {"Content-Type": content_type} if content_type else {}, body)
+
+
+class FrameworkRequest:
+    """The slice of a Flask request that functions-framework handlers use."""
+
+    def __init__(self, event: Event) -> None:
+        self.method = event.method
+        self.path = event.path
+        self.headers = event.headers
+        self.args = event.query
+        self._event = event
+
+    @property
+    def data(self) -> bytes:
+        return bytes(self._event.body)
+
+    def get_data(self, as_text: bool = False) -> bytes | str:
+        return self._event.text if as_text else self.data
+
+    def get_json(self, silent: bool = False) -> Any:
+        try:
+            return self._event.json()
+        except ValueError:
+            if silent:
+                return None
+            raise
+
+
+def _framework_result(result: Any, capability_type: type) -> Response:
+    """Flask's return conventions: body, (body, status) or (body, status, headers)."""
+    status, headers = 200, {}
+    if isinstance(result, tuple):
+        if not 2 <= len(result) <= 3:
+            raise HandlerResultError("a tuple result must be (body, status) or (body, status, headers)")
+        result, status, *rest = result
+        headers = dict(rest[0]) if rest else {}
+    response = normalise(result, capability_type)
+    response.status = status
+    response.headers.update({str(k): str(v) for k, v in headers.items()})
+    return response
+
+
+def lambda_event(event: Event) -> dict[str, Any]:
+    """An API Gateway (REST, payload 1.0) proxy event."""
+    raw = bytes(event.body)
+    try:
+        body, encoded = raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        body, encoded = base64.b64encode(raw).decode(), True
+    return {
+        "httpMethod": event.method,
+        "path": event.path,
+        "queryStringParameters": event.query or None,
+        "headers": event.headers,
+        "body": body if raw else None,
+        "isBase64Encoded": encoded,
+        "requestContext": {"httpMethod": event.method, "path": event.path},
+    }
+
+
+def _lambda_result(result: Any, capability_type: type) -> Response:
+    if isinstance(result, Mapping) and result.get("isBase64Encoded"):
+        result = dict(result, body=base64.b64decode(result.get("body") or b""))
+    return normalise(result, capability_type)
+
+
+def adapt(handler: Callable[..., Any], signature: str) -> tuple[Callable[[Event, Context], Any], Callable[[Any, type], Response]]:
+    """The call and the result conversion for a handler written in ``signature`` style."""
+    if signature == "native":
+        return handler, normalise
+    if signature == "functions-framework":
+        return (lambda event, context: handler(FrameworkRequest(event))), _framework_result
+    if signature == "lambda":
+        return (lambda event, context: handler(lambda_event(event), context)), _lambda_result
+    raise ValueError(f"unknown handler signature {signature!r}")
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """The last value of each query parameter, as python3-http hands them to ``event.query``."""
+    return {key: values[-1] for key, values in parse_qs(query, keep_blank_values=True).items()}

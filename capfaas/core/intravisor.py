@@ -1,0 +1,283 @@
+"""The intravisor: creates cVMs, owns their authority, and checks everything that crosses.
+
+Every cVM gets a region of the one shared segment and root capabilities bounded to it (a DDC with
+the data permissions Intravisor gives, a PCC with the code ones). Payloads larger than a control
+message are placed once in the cVM's region and handed over as read-only capabilities; every
+capability a cVM sends back must be derivable from its own authority, or the message is rejected
+with a capability fault and the cVM, which has shown it cannot be trusted, is stopped.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from .backend import Backend, LaunchRequest, Region
+from .capability import Capability
+from .cvm import CVM, ChannelClosed, ProtocolViolation, State
+from .faults import CapabilityFault, TagFault
+from .perms import CODE_PERMS, DATA_PERMS, Perm
+from .runtime import INLINE_LIMIT
+from .spec import FunctionSpec
+
+GiB = 1 << 30
+DEFAULT_REGION_SIZE = 1 * GiB
+DEFAULT_SEGMENT_SIZE = 256 * GiB
+START_TIMEOUT = 30.0
+READ_ONLY = int(Perm.LOAD | Perm.GLOBAL)
+
+
+class FunctionLoadError(Exception):
+    """The function's code cannot run: syntax, import-time failure, missing handler."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        self.error = error
+        where = f" ({error['file']}, line {error['line']})" if "file" in error else ""
+        super().__init__(f"{error.get('type', 'Error')}: {error.get('message', '')}{where}")
+
+
+class CVMStartError(Exception):
+    """A cVM died or hung before it was ready."""
+
+
+@dataclass
+class Invocation:
+    """One request for a cVM. ``body`` is bytes, or a capability to bytes already in its region."""
+
+    method: str = "POST"
+    path: str = "/"
+    query: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | memoryview | Capability = b""
+    length: int | None = None
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    inline: bool = False
+    """Send a bytes body inside the control message whatever its size (the copying path)."""
+
+
+@dataclass
+class Result:
+    """What came back. ``outcome`` is ``ok``, ``error`` (the handler raised), ``timeout``,
+    ``crashed`` or ``fault`` (the cVM broke a capability rule); ``body`` may be a zero-copy view."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes | memoryview
+    outcome: str = "ok"
+    error: dict[str, Any] | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    duration: float = 0.0
+
+
+class Intravisor:
+    """The monitor of all cVMs on one backend."""
+
+    def __init__(self, backend: Backend, pm: pluggy.PluginManager, *,
+                 segment_size: int = DEFAULT_SEGMENT_SIZE, region_size: int = DEFAULT_REGION_SIZE) -> None:
+        if segment_size % region_size:
+            raise ValueError("the segment size must be a multiple of the region size")
+        self.backend = backend
+        self.pm = pm
+        self.segment_size = segment_size
+        self.region_size = region_size
+        self.memory: Any = None
+        self.root: Capability | None = None
+        self._free_regions: list[int] = []
+        self._next_id = 1
+        self.cvms: dict[int, CVM] = {}
+
+    async def start(self) -> None:
+        self.memory = await self.backend.start(self.segment_size)
+        self.root = self.memory.root_capability()
+        self._free_regions = list(range(self.segment_size // self.region_size - 1, -1, -1))
+
+    async def close(self) -> None:
+        for cvm in list(self.cvms.values()):
+            await self.stop(cvm, "intravisor shutting down")
+        await self.backend.close()
+
+    async def __aenter__(self) -> Intravisor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- creating and stopping cVMs ------------------------------------------------------------
+
+    def _region(self) -> Region:
+        if not self._free_regions:
+            raise CVMStartError(f"no free region: all {self.segment_size // self.region_size} cVM slots are in use")
+        slot = self._free_regions.pop()
+        offset = slot * self.region_size
+        return Region(self.memory.base + offset, self.region_size, offset)
+
+    async def create(self, spec: FunctionSpec) -> CVM:
+        """Start a cVM for ``spec`` and wait until its function is loaded."""
+        assert self.root is not None, "start() the intravisor first"
+        region = self._region()
+        bounded = self.root.set_address(region.base).set_bounds_exact(region.size)
+        ddc = bounded.and_permissions(DATA_PERMS)
+        pcc = bounded.and_permissions(CODE_PERMS)
+        cvm_id, self._next_id = self._next_id, self._next_id + 1
+        try:
+            process = await self.backend.launch(LaunchRequest(cvm_id, spec, region, ddc, pcc))
+        except BaseException:
+            self._free_regions.append(region.offset // self.region_size)
+            raise
+        cvm = CVM(cvm_id, spec, region, ddc, pcc, process)
+        self.cvms[cvm_id] = cvm
+        try:
+            message = await asyncio.wait_for(cvm.receive(), START_TIMEOUT)
+        except (ChannelClosed, ProtocolViolation, asyncio.TimeoutError) as exc:
+            how = await self.stop(cvm, "failed to start")
+            reason = "did not become ready in time" if isinstance(exc, asyncio.TimeoutError) else how
+            raise CVMStartError(f"cVM for {spec.name!r} {reason}") from None
+        if message.get("op") == "failed":
+            await self.stop(cvm, "function failed to load")
+            raise FunctionLoadError(message.get("error") or {})
+        if message.get("op") != "ready":
+            await self.stop(cvm, "protocol violation")
+            raise CVMStartError(f"cVM for {spec.name!r} sent {message.get('op')!r} instead of ready")
+        cvm.state = State.READY
+        self.pm.hook.capfaas_cvm_started(cvm=cvm)
+        return cvm
+
+    async def stop(self, cvm: CVM, reason: str = "stopped") -> str:
+        """Stop ``cvm`` (idempotent); returns how its process ended."""
+        if cvm.state is State.STOPPED:
+            return cvm.stop_reason
+        cvm.state = State.STOPPED
+        cvm.process.kill()
+        how = await cvm.process.wait()
+        cvm.stop_reason = how
+        self.cvms.pop(cvm.id, None)
+        self._free_regions.append(cvm.region.offset // self.region_size)
+        forget = getattr(self.backend, "forget", None)
+        if forget is not None and cvm.process.pid is not None:
+            forget(cvm.process.pid)
+        self.pm.hook.capfaas_cvm_stopped(cvm=cvm, reason=f"{reason}: {how}")
+        return how
+
+    # -- payloads ------------------------------------------------------------------------------
+
+    def receive_buffer(self, cvm: CVM, size: int) -> tuple[Capability, memoryview]:
+        """A read-only capability and a writable view of ``size`` bytes in ``cvm``'s receive area.
+
+        Whoever holds the view (the gateway reading a request body from its socket) writes the
+        payload straight into shared memory; the capability is what the cVM receives.
+        """
+        assert self.root is not None
+        base, limit = cvm.receive_area
+        if size > limit:
+            raise ValueError(f"a {size}-byte payload exceeds the cVM's {limit}-byte receive area")
+        cap = self.root.set_address(base).set_bounds(size).and_permissions(READ_ONLY)
+        return cap, self.memory.writable_view(self.root, base, size)
+
+    def place(self, cvm: CVM, body: bytes | memoryview) -> Capability:
+        """Copy ``body`` once into ``cvm``'s receive area; return the read-only capability to it."""
+        cap, view = self.receive_buffer(cvm, len(body))
+        view[:] = body
+        return cap
+
+    def admit(self, cvm: CVM, cap: Any, length: int) -> None:
+        """Accept a capability from ``cvm`` only if its own authority could have derived it."""
+        if not isinstance(cap, Capability) or not cap.tag:
+            raise TagFault(cap, getattr(cap, "address", 0), length, "hand over",
+                           "the capability is not tagged: a cVM cannot forge one")
+        if not isinstance(length, int) or length < 0 or cap.address + length > cap.top or cap.address < cap.base:
+            raise CapabilityFault(cap, cap.address, length if isinstance(length, int) else 0, "hand over",
+                                  f"the length {length!r} does not fit the capability's bounds")
+        if not any(cap.build(authority).tag for authority in cvm.authorities):
+            raise CapabilityFault(cap, cap.address, length, "hand over",
+                                  f"[{cap.base:#x}, {cap.top:#x}) is not derivable from cVM {cvm.id}'s authority "
+                                  f"(its region is [{cvm.ddc.base:#x}, {cvm.ddc.top:#x}))")
+
+    # -- invoking ------------------------------------------------------------------------------
+
+    async def invoke(self, cvm: CVM, invocation: Invocation) -> Result:
+        """Run one invocation on a ready or idle cVM; timeouts and crashes stop the cVM."""
+        if cvm.state not in (State.READY, State.IDLE):
+            raise RuntimeError(f"cVM {cvm.id} is {cvm.state.value}, not ready")
+        cvm.state = State.BUSY
+        cvm.invocations += 1
+        started = time.monotonic()
+        timeout = cvm.spec.limits.timeout
+        message = self._invoke_message(cvm, invocation, time.time() + timeout)
+        self.pm.hook.capfaas_before_invoke(spec=cvm.spec, invocation_id=invocation.id)
+        try:
+            await cvm.send(message)
+            reply = await asyncio.wait_for(cvm.receive(), timeout)
+            result = self._result(cvm, reply)
+            cvm.state = State.IDLE
+        except asyncio.TimeoutError:
+            await self.stop(cvm, "timeout")
+            result = _failure(504, "timeout", "TimeoutError",
+                              f"function {cvm.spec.name!r} ran longer than its {timeout:g} s timeout "
+                              "(limit: timeout); its cVM was stopped")
+        except (ChannelClosed, ConnectionError):
+            how = await self.stop(cvm, "crashed")
+            result = _failure(502, "crashed", "CVMCrashed",
+                              f"function {cvm.spec.name!r} crashed: its cVM {how}{_limit_hint(how)}")
+        except (ProtocolViolation, CapabilityFault) as exc:
+            await self.stop(cvm, "fault")
+            result = _failure(502, "fault", type(exc).__name__,
+                              f"function {cvm.spec.name!r} broke the rules and its cVM was stopped: {exc}")
+        result.duration = time.monotonic() - started
+        self.pm.hook.capfaas_after_invoke(spec=cvm.spec, invocation_id=invocation.id,
+                                          status=result.status, duration=result.duration)
+        return result
+
+    def _invoke_message(self, cvm: CVM, invocation: Invocation, deadline: float) -> dict[str, Any]:
+        body: Any = invocation.body
+        length = invocation.length
+        if isinstance(body, Capability):
+            length = body.length if length is None else length
+        elif len(body) > INLINE_LIMIT and not invocation.inline:
+            length = len(body)
+            body = self.place(cvm, body)
+        return {"op": "invoke", "id": invocation.id, "method": invocation.method, "path": invocation.path,
+                "query": invocation.query, "headers": invocation.headers, "body": body, "length": length,
+                "deadline": deadline}
+
+    def _result(self, cvm: CVM, reply: dict[str, Any]) -> Result:
+        if reply.get("op") != "result":
+            raise ProtocolViolation(f"expected a result, got {reply.get('op')!r}")
+        body = reply.get("body", b"")
+        if isinstance(body, Capability):
+            length = reply.get("length")
+            self.admit(cvm, body, length)
+            body = self.memory.view(body, body.address, length)
+        elif not isinstance(body, bytes):
+            raise ProtocolViolation("a result body must be bytes or a capability")
+        headers = reply.get("headers") or {}
+        status = reply.get("status", 500)
+        if not isinstance(headers, dict) or not isinstance(status, int):
+            raise ProtocolViolation("malformed result status or headers")
+        error = reply.get("error")
+        return Result(status, {str(k): str(v) for k, v in headers.items()}, body,
+                      "error" if error else "ok", error,
+                      _bytes(reply.get("stdout")), _bytes(reply.get("stderr")))
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else b""
+
+
+def _limit_hint(how: str) -> str:
+    if "SIGXCPU" in how:
+        return " (limit: cpu time)"
+    if "SIGKILL" in how:
+        return " (killed: possibly the memory limit)"
+    return ""
+
+
+def _failure(status: int, outcome: str, kind: str, message: str) -> Result:
+    return Result(status, {"Content-Type": "text/plain; charset=utf-8"}, message.encode(), outcome,
+                  {"type": kind, "message": message})
+

@@ -1,0 +1,188 @@
+"""The runtime inside a cVM: confine the process, load the function, serve invocations.
+
+It speaks to the intravisor over one control socket (``wire`` messages) and touches shared memory
+only through its own region and the capabilities it was handed. The same code runs on every
+backend: forked from the emulated backend's template, or under Intravisor on Morello.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import logging
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from . import wire
+from .capability import Capability, representable_alignment_mask
+from .perms import Perm
+from .handlers import Context, Event, HandlerResultError, adapt
+from .spec import FunctionSpec
+
+INLINE_LIMIT = 64 << 10
+"""Bodies up to this size travel inside the control message; larger ones as capabilities."""
+
+
+@dataclass
+class Region:
+    """This cVM's memory: its window of the segment and the capabilities the intravisor gave it."""
+
+    memory: Any
+    ddc: Capability
+    heap_start: int
+
+    def __post_init__(self) -> None:
+        self.heap_next = self.heap_start
+
+    def reset(self) -> None:
+        self.heap_next = self.heap_start
+
+    def share(self, data: Any) -> tuple[Capability, int]:
+        """Copy ``data`` once into this region's heap; return a read-only capability and the length."""
+        view = memoryview(data).cast("B")
+        length = len(view)
+        mask = representable_alignment_mask(length)
+        address = (self.heap_next + ~mask) & mask & ((1 << 64) - 1)
+        if address + length > self.ddc.top:
+            raise MemoryError(f"{length} bytes do not fit in this cVM's region "
+                              f"({self.ddc.top - address} bytes left)")
+        self.memory.store(self.ddc, address, view)
+        self.heap_next = address + length
+        cap = self.ddc.set_address(address).set_bounds(length).and_permissions(Perm.LOAD | Perm.GLOBAL)
+        return cap, length
+
+
+def _error(kind: str, exc: BaseException, spec: FunctionSpec) -> dict[str, Any]:
+    """An error report that says what and where (file and line inside the bundle)."""
+    where = None
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = (exc.filename, exc.lineno)
+    else:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(str(spec.bundle))]
+        if frames:
+            where = (frames[-1].filename, frames[-1].lineno)
+    error: dict[str, Any] = {"stage": kind, "type": type(exc).__name__, "message": str(exc)}
+    if where:
+        error["file"] = os.path.relpath(where[0], spec.bundle)
+        error["line"] = where[1]
+    return error
+
+
+def load_handler(spec: FunctionSpec) -> Any:
+    """Import the function's module from its bundle and return its handler."""
+    path = spec.bundle / spec.module
+    sys.path.insert(0, str(spec.bundle))
+    module_spec = importlib.util.spec_from_file_location(spec.module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ImportError(f"cannot load {spec.module}")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[spec.module_name] = module
+    module_spec.loader.exec_module(module)
+    handler = getattr(module, spec.handler, None)
+    if not callable(handler):
+        raise AttributeError(f"{spec.module} defines no callable {spec.handler!r}")
+    return handler
+
+
+class Runtime:
+    """Serves one cVM's control channel until told to stop or the intravisor goes away."""
+
+    def __init__(self, sock: socket.socket, spec: FunctionSpec, region: Region, libos: Any) -> None:
+        self.sock = sock
+        self.spec = spec
+        self.region = region
+        self.libos = libos
+        self.unpacker = wire.unpacker(max_buffer_size=1 << 31)  # the intravisor is trusted
+        self.loop = asyncio.new_event_loop()  # made before confinement: it needs a socketpair
+        self.logger = logging.getLogger(spec.name)
+        self.logger.propagate = False
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler.stream = None  # bound to the captured stderr for each invocation
+        self.log_handler = handler
+        self.logger.addHandler(handler)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(wire.pack(message))
+
+    def receive(self) -> dict[str, Any] | None:
+        while True:
+            for message in self.unpacker:
+                return message
+            data = self.sock.recv(1 << 20)
+            if not data:
+                return None
+            self.unpacker.feed(data)
+
+    def start(self, handler_loader: Any = load_handler) -> Any:
+        """Load the function; report ``ready`` or, with file and line, why it cannot run."""
+        try:
+            handler = handler_loader(self.spec)
+        except BaseException as exc:  # import-time failures of user code, SystemExit included
+            self.send({"op": "failed", "error": _error("import", exc, self.spec)})
+            return None
+        self.call, self.convert = adapt(handler, self.spec.signature)
+        self.send({"op": "ready", "pid": os.getpid()})
+        return handler
+
+    def serve(self) -> None:
+        while True:
+            message = self.receive()
+            if message is None or message.get("op") == "stop":
+                return
+            if message.get("op") == "invoke":
+                reply = self.invoke(message)
+                try:
+                    packed = wire.pack(reply)
+                except (TypeError, ValueError, OverflowError) as exc:  # an unsendable result
+                    packed = wire.pack({"op": "result", "id": reply.get("id"), "status": 500,
+                                        "error": {"stage": "result", "type": type(exc).__name__,
+                                                  "message": f"the result cannot be sent: {exc}"}})
+                self.sock.sendall(packed)
+
+    def _event(self, message: dict[str, Any]) -> Event:
+        body = message.get("body", b"")
+        capability = None
+        if isinstance(body, Capability):
+            capability = body
+            body = self.region.memory.view(body, body.address, message["length"])
+        return Event(message.get("method", "GET"), message.get("path", "/"), message.get("query") or {},
+                     message.get("headers") or {}, body, capability)
+
+    def invoke(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.region.reset()
+        call_id = message.get("id", "")
+        context = Context(self.spec.name, call_id, message.get("deadline", 0.0), self.logger,
+                          share=lambda data: self.region.share(data)[0])
+        reply: dict[str, Any] = {"op": "result", "id": call_id}
+        with self.libos.capture() as captured:
+            self.log_handler.stream = sys.stderr
+            try:
+                value = self.call(self._event(message), context)
+                if inspect.isawaitable(value):
+                    value = self.loop.run_until_complete(value)
+                response = self.convert(value, Capability)
+                reply.update(status=response.status, headers=response.headers)
+                reply.update(self._body(response.body))
+            except BaseException as exc:  # the handler's failure is the invocation's result
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                traceback.print_exc()
+                stage = "result" if isinstance(exc, HandlerResultError) else "handler"
+                reply.update(status=500, error=_error(stage, exc, self.spec))
+            finally:
+                self.log_handler.stream = None
+        reply.update(stdout=captured.stdout, stderr=captured.stderr)
+        return reply
+
+    def _body(self, body: Any) -> dict[str, Any]:
+        if isinstance(body, Capability):  # capability-aware code: the bytes from its address to its top
+            return {"body": body, "length": min(max(body.top - body.address, 0), (1 << 64) - 1)}
+        if len(body) <= INLINE_LIMIT:
+            return {"body": bytes(body)}
+        cap, length = self.region.share(body)
+        return {"body": cap, "length": length}

@@ -1,0 +1,261 @@
+"""Real cVMs on the emulated backend: functions that work, and functions that misbehave.
+
+Every misbehaviour must be contained with a precise error while another cVM keeps serving.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import signal
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from capfaas.backends.emulated.backend import EmulatedBackend
+from capfaas.core.cvm import State
+from capfaas.core.intravisor import FunctionLoadError, Intravisor, Invocation
+from capfaas.core.spec import FunctionSpec, Limits
+from capfaas.plugin_manager import make_plugin_manager
+
+GiB = 1 << 30
+
+
+@pytest.fixture
+def tmp_path() -> Path:
+    """Bundles outside /tmp, where they live in production: a cVM's /tmp is its own tmpfs, which
+    would hide another function's files instead of showing that reading them is denied."""
+    root = Path(tempfile.mkdtemp(prefix="capfaas-test-", dir="/var/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def intravisor() -> AsyncIterator[Intravisor]:
+    async with Intravisor(EmulatedBackend(), make_plugin_manager(autoload=False),
+                          segment_size=16 * GiB, region_size=GiB) as iv:
+        yield iv
+
+
+def write_function(root: Path, name: str, code: str) -> FunctionSpec:
+    bundle = root / name
+    bundle.mkdir()
+    (bundle / "fn.py").write_text(textwrap.dedent(code))
+    return FunctionSpec(name=name, bundle=bundle, module="fn.py", limits=Limits(timeout=5.0, output=4096))
+
+
+HEALTHY = """
+def handle(event, context):
+    return "still serving " + event.text
+"""
+
+
+async def assert_still_serving(iv: Intravisor, cvm) -> None:
+    result = await iv.invoke(cvm, Invocation(body=b"ok"))
+    assert (result.status, result.body) == (200, b"still serving ok")
+
+
+async def test_round_trip_with_event_and_context(intravisor: Intravisor, tmp_path: Path) -> None:
+    spec = write_function(tmp_path, "introspect", """
+        import json
+        def handle(event, context):
+            return {"statusCode": 201, "headers": {"X-Fn": context.function_name},
+                    "body": {"method": event.method, "path": event.path, "query": event.query,
+                             "header": event.headers.get("X-In"), "body": event.text,
+                             "id": context.invocation_id, "remaining": context.remaining_time() > 0}}
+    """)
+    cvm = await intravisor.create(spec)
+    assert cvm.state is State.READY
+    result = await intravisor.invoke(cvm, Invocation(method="PUT", path="/a/b", query={"q": "1"},
+                                                     headers={"X-In": "yes"}, body=b"payload", id="call-7"))
+    assert result.status == 201 and result.headers["X-Fn"] == "introspect"
+    assert json.loads(bytes(result.body)) == {"method": "PUT", "path": "/a/b", "query": {"q": "1"},
+                                              "header": "yes", "body": "payload", "id": "call-7",
+                                              "remaining": True}
+    assert cvm.state is State.IDLE and cvm.invocations == 1
+
+
+async def test_async_handler_and_logs(intravisor: Intravisor, tmp_path: Path) -> None:
+    spec = write_function(tmp_path, "asyncfn", """
+        import asyncio
+        async def handle(event, context):
+            await asyncio.sleep(0.01)
+            print("to stdout")
+            context.logger.warning("to the log")
+            return b"async done"
+    """)
+    cvm = await intravisor.create(spec)
+    result = await intravisor.invoke(cvm, Invocation())
+    assert result.body == b"async done"
+    assert b"to stdout" in result.stdout and b"to the log" in result.stderr
+
+
+async def test_large_body_arrives_zero_copy_and_result_returns_by_capability(intravisor: Intravisor, tmp_path: Path) -> None:
+    spec = write_function(tmp_path, "count", """
+        def handle(event, context):
+            assert isinstance(event.body, memoryview) and event.body.readonly
+            assert event.capability is not None and event.capability.length >= len(event.body)
+            return {"body": bytes(event.body).upper(), "headers": {"X-Len": str(len(event.body))}}
+    """)
+    cvm = await intravisor.create(spec)
+    payload = os.urandom(1 << 20).hex().encode()
+    result = await intravisor.invoke(cvm, Invocation(body=payload))
+    assert result.status == 200, result.error
+    assert isinstance(result.body, memoryview) and result.body.readonly
+    assert bytes(result.body) == payload.upper() and result.headers["X-Len"] == str(len(payload))
+
+
+async def test_handler_exception_becomes_an_error_result(intravisor: Intravisor, tmp_path: Path) -> None:
+    spec = write_function(tmp_path, "raises", """
+        def handle(event, context):
+            raise ValueError("bad input: " + event.text)
+    """)
+    cvm = await intravisor.create(spec)
+    result = await intravisor.invoke(cvm, Invocation(body=b"x"))
+    assert result.status == 500 and result.outcome == "error"
+    assert result.error["type"] == "ValueError" and result.error["message"] == "bad input: x"
+    assert result.error["file"] == "fn.py" and result.error["line"] == 3
+    assert b"Traceback" in result.stderr
+    assert cvm.state is State.IDLE
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "line"),
+    [
+        ("def handle(event, context)\n    return 1\n", "SyntaxError", 1),
+        ("import no_such_module_anywhere\n", "ModuleNotFoundError", 1),
+        ("x = 1\nraise RuntimeError('init failed')\n", "RuntimeError", 2),
+        ("def other(event, context):\n    pass\n", "AttributeError", None),
+    ],
+    ids=["syntax", "import", "init", "no-handler"],
+)
+async def test_broken_code_is_reported_with_file_and_line(intravisor: Intravisor, tmp_path: Path,
+                                                          code: str, kind: str, line: int | None) -> None:
+    spec = write_function(tmp_path, "broken", code)
+    with pytest.raises(FunctionLoadError) as info:
+        await intravisor.create(spec)
+    assert info.value.error["type"] == kind
+    if line is not None:
+        assert (info.value.error["file"], info.value.error["line"]) == ("fn.py", line)
+        assert f"fn.py, line {line}" in str(info.value)
+    assert not intravisor.cvms
+
+
+MISBEHAVIOURS = {
+    "loops-forever": ("def handle(event, context):\n    while True:\n        pass\n", 504, "timeout"),
+    "exits": ("import os\ndef handle(event, context):\n    os._exit(7)\n", 502, "exited with status 7"),
+    "segfaults": ("import os, signal\ndef handle(event, context):\n    os.kill(os.getpid(), signal.SIGSEGV)\n",
+                  502, "killed by SIGSEGV"),
+    "crafts-a-capability": (
+        "from capfaas.core.capability import Capability\n"
+        "def handle(event, context):\n"
+        "    return Capability.root().set_address(0x1000).set_bounds(64)\n", 502, "not derivable"),
+    "forges-a-tag": (
+        "from capfaas.core.capability import Capability\n"
+        "def handle(event, context):\n"
+        "    return Capability(True, Capability.root().pesbt, 0x1000)\n", 502, "not derivable"),
+}
+
+
+@pytest.mark.parametrize("name", list(MISBEHAVIOURS))
+async def test_misbehaving_function_is_contained(intravisor: Intravisor, tmp_path: Path, name: str) -> None:
+    code, status, said = MISBEHAVIOURS[name]
+    healthy = await intravisor.create(write_function(tmp_path, "healthy", HEALTHY))
+    bad = await intravisor.create(write_function(tmp_path, name, code))
+    result = await intravisor.invoke(bad, Invocation())
+    assert result.status == status, result.body
+    assert said in result.error["message"]
+    assert bad.state is State.STOPPED and bad.id not in intravisor.cvms
+    await assert_still_serving(intravisor, healthy)
+    replacement = await intravisor.create(write_function(tmp_path, name + "-again", HEALTHY))
+    await assert_still_serving(intravisor, replacement)
+
+
+async def test_memory_limit_contains_a_runaway_allocation(intravisor: Intravisor, tmp_path: Path) -> None:
+    spec = write_function(tmp_path, "hog", """
+        def handle(event, context):
+            hoard = []
+            while True:
+                hoard.append(bytearray(16 << 20))
+    """)
+    healthy = await intravisor.create(write_function(tmp_path, "healthy", HEALTHY))
+    cvm = await intravisor.create(spec)
+    result = await intravisor.invoke(cvm, Invocation())
+    assert result.status in (500, 502)
+    assert "MemoryError" in (result.error["type"] + result.error["message"]) or "killed" in result.error["message"]
+    await assert_still_serving(intravisor, healthy)
+
+
+async def test_output_flood_is_truncated(intravisor: Intravisor, tmp_path: Path) -> None:
+    spec = write_function(tmp_path, "flood", """
+        import sys
+        def handle(event, context):
+            for _ in range(100_000):
+                print("x" * 100)
+                sys.stderr.write("y" * 100)
+            return "done"
+    """)
+    cvm = await intravisor.create(spec)
+    result = await intravisor.invoke(cvm, Invocation())
+    assert result.body == b"done"
+    assert len(result.stdout) <= 4096 + 200 and len(result.stderr) <= 4096 + 200
+    assert b"truncated" in result.stdout
+
+
+ESCAPES = {
+    "reads-etc-passwd": "open('/etc/passwd').read()",
+    "reads-proc-self-mem": "open('/proc/self/mem', 'rb').read(1)",
+    "reads-another-function": "open(OTHER).read()",
+    "starts-a-subprocess": "__import__('subprocess').run(['true'])",
+    "forks": "__import__('os').fork()",
+    "kills-its-parent": "__import__('os').kill(__import__('os').getppid(), 9)",
+    "opens-a-socket": "__import__('socket').socket()",
+    "imports-ctypes": "__import__('ctypes')",
+    "imports-mmap": "__import__('mmap')",
+}
+
+
+@pytest.mark.parametrize("name", list(ESCAPES))
+async def test_escape_attempts_are_denied(intravisor: Intravisor, tmp_path: Path, name: str) -> None:
+    other = write_function(tmp_path, "other", HEALTHY)
+    code = f"OTHER = {str(other.bundle / 'fn.py')!r}\ndef handle(event, context):\n    return repr({ESCAPES[name]})\n"
+    cvm = await intravisor.create(write_function(tmp_path, name, code))
+    healthy = await intravisor.create(other)
+    result = await intravisor.invoke(cvm, Invocation())
+    assert result.status == 500, bytes(result.body)
+    assert result.error["type"] in ("PermissionError", "ImportError"), result.error
+    assert "capfaas libOS" in result.error["message"] and "rule" in result.error["message"]
+    assert cvm.state is State.IDLE
+    await assert_still_serving(intravisor, healthy)
+
+
+async def test_cvm_sees_only_its_own_region(intravisor: Intravisor, tmp_path: Path) -> None:
+    spec = write_function(tmp_path, "prober", """
+        import gc, os
+        def handle(event, context):
+            segment_fds = [fd for fd in range(3, 1024) if _is_segment(fd)]
+            buffers = [o for o in gc.get_objects() if isinstance(o, memoryview)]
+            return {"body": {"fds": segment_fds, "largest": max((o.nbytes for o in buffers), default=0)}}
+        def _is_segment(fd):
+            try:
+                return os.fstat(fd).st_size > (8 << 30)
+            except OSError:
+                return False
+    """)
+    cvm = await intravisor.create(spec)
+    result = await intravisor.invoke(cvm, Invocation())
+    seen = json.loads(bytes(result.body))
+    assert seen["fds"] == []  # no descriptor reaches the whole segment
+    assert seen["largest"] <= intravisor.region_size  # nothing mapped beyond its own region
+
+
+async def test_template_survives_and_reports_exits(intravisor: Intravisor, tmp_path: Path) -> None:
+    cvm = await intravisor.create(write_function(tmp_path, "healthy", HEALTHY))
+    os.kill(cvm.process.pid, signal.SIGKILL)
+    result = await intravisor.invoke(cvm, Invocation())
+    assert result.status == 502 and "killed by SIGKILL" in result.error["message"]
+    again = await intravisor.create(write_function(tmp_path, "healthy2", HEALTHY))
+    await assert_still_serving(intravisor, again)
