@@ -8,6 +8,7 @@ A failing verb prints one sentence to stderr and exits non-zero; ``--debug`` add
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
