@@ -211,8 +211,9 @@ class Intravisor:
         message = self._invoke_message(cvm, invocation, time.time() + timeout)
         self.pm.hook.capfaas_before_invoke(spec=cvm.spec, invocation_id=invocation.id)
         try:
-            await cvm.send(message)
-            reply = await asyncio.wait_for(cvm.receive(), timeout)
+            async with asyncio.timeout(timeout):  # no extra task per call, unlike wait_for
+                await cvm.send(message)
+                reply = await cvm.receive()
             result = self._result(cvm, reply)
             cvm.state = State.IDLE
         except asyncio.TimeoutError:
