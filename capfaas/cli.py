@@ -85,7 +85,7 @@ def backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_data(data: str | None) -> bytes:
+def read_data(data: str | None) -> bytes:
     if data is None:
         return b""
     if data == "-":
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from .core.spec import FunctionSpec, Limits
     from .local import bundle_of, run_once, spec_name
 
-    body = _read_data(args.data)
+    body = read_data(args.data)
     path = Path(args.path)
     with bundle_of(path) as (bundle, module):
         spec = FunctionSpec(name=spec_name(path), bundle=bundle, module=module, handler=args.handler,
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     sys.stdout.flush()
     if result.status >= 400:
-        print(f"capfaas run: {result.status} ({result.outcome})", file=sys.stderr)
+        print(f"capfaas run: the function answered {result.status}" + ("" if result.outcome == "ok" else f" ({result.outcome})"), file=sys.stderr)
         return 1
     return 0
 
@@ -142,11 +142,12 @@ _COMMON = argparse.ArgumentParser(add_help=False)
 _COMMON.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def add_verb(verbs: argparse._SubParsersAction, verb: Verb) -> argparse.ArgumentParser:
+def add_verb(verbs: argparse._SubParsersAction, verb: Verb,
+             parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
     """Register ``verb`` under its function name; its docstring's first line is the help."""
     doc = verb.__doc__ or ""
     parser = verbs.add_parser(verb.__name__, help=doc.partition("\n")[0],
-                              description=doc, parents=[_COMMON])
+                              description=doc, parents=[_COMMON, *parents])
     parser.set_defaults(verb=verb)
     return parser
 
@@ -176,8 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="hardware backend: auto (default), emulated, morello; env CAPFAAS_BACKEND")
     verb.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
+    from .cli_gateway import register
     from .plugin_manager import make_plugin_manager
 
+    register(verbs, add_verb)
     make_plugin_manager().hook.capfaas_register_commands(verbs=verbs)
     return parser
 
@@ -201,5 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         message = str(exc) or type(exc).__name__
         hint = "" if args.debug else " (rerun with --debug for the traceback)"
-        print(f"capfaas {args.verb.__name__}: {message}{hint}", file=sys.stderr)
+        name = getattr(args.verb, "__name__", "command")
+        print(f"capfaas {name}: {message}{hint}", file=sys.stderr)
         return 1

@@ -1,0 +1,490 @@
+"""The HTTP gateway: OpenFaaS's API over capfaas's cVMs (aiohttp on uvloop)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+from aiohttp import web
+
+from capfaas import __version__
+from capfaas.core.capability import Capability
+from capfaas.core.intravisor import FunctionLoadError, Intravisor, Invocation, Result
+from capfaas.core.runtime import INLINE_LIMIT
+from capfaas.core.spec import SpecError, check_name
+from capfaas.credentials import check_basic_auth
+from capfaas.plugins.pooling import PoolBusy
+from capfaas.registry import AlreadyExists, BundleTooLarge, DeploymentRecord, InvalidInput, NotFound, Registry, RegistryError
+
+from .async_calls import AsyncCalls
+from .logs import LogStore
+from .metrics import Metrics, gateway_metrics
+from .openapi import openapi_document
+from .service import FunctionService
+
+MiB = 1 << 20
+
+
+@dataclass
+class Settings:
+    """What ``capfaas serve`` configures."""
+
+    state_dir: Path
+    admin_password: str
+    max_body: int = 256 * MiB
+    max_bundle: int = 16 * MiB
+    body_timeout: float = 60.0
+    """Seconds a client may take to send a request body before the gateway gives up (408)."""
+    queue: int = 64
+    async_queue: int = 1024
+    async_workers: int = 8
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+STATE = web.AppKey("state", Any)
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    service: FunctionService
+    intravisor: Intravisor
+    pm: pluggy.PluginManager
+    metrics: Metrics
+    logs: LogStore
+    async_calls: AsyncCalls | None = None
+    in_flight: int = 0
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _gateway(request: web.Request) -> Gateway:
+    return request.app[STATE]
+
+
+def _text(status: int, message: str, **headers: str) -> web.Response:
+    return web.Response(status=status, text=message.rstrip() + "\n", headers=headers)
+
+
+# -- middleware ---------------------------------------------------------------------------------
+
+@web.middleware
+async def require_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    """``/system/*`` needs HTTP basic auth as ``admin``; invocations and health are open."""
+    if request.path.startswith("/system/"):
+        password = _gateway(request).settings.admin_password
+        if not check_basic_auth(request.headers.get("Authorization"), password):
+            return _text(401, "authentication required: use basic auth as admin",
+                         **{"WWW-Authenticate": 'Basic realm="capfaas"'})
+    return await handler(request)
+
+
+# -- system routes ------------------------------------------------------------------------------
+
+async def healthz(request: web.Request) -> web.Response:
+    return _text(200, "OK")
+
+
+async def system_info(request: web.Request) -> web.Response:
+    backend = _gateway(request).intravisor.backend
+    return web.json_response({
+        "provider": {"provider": "capfaas", "orchestration": f"cVM ({backend.name} backend)",
+                     "version": {"sha": "", "release": __version__}},
+        "version": {"sha": "", "release": __version__, "commit_message": ""},
+        "arch": "x86_64" if backend.name == "emulated" else "arm64",
+    })
+
+
+def _status(gateway: Gateway, name: str) -> dict[str, Any]:
+    deployed = gateway.service.live[name]
+    record = deployed.info.record
+    extra = record.extra
+    return {
+        "name": name,
+        "image": extra.get("image", f"capfaas:{name}:{deployed.info.version}"),
+        "namespace": extra.get("namespace", "capfaas"),
+        "envProcess": extra.get("envProcess", f"{record.module}:{record.handler}"),
+        "envVars": dict(record.env),
+        "constraints": extra.get("constraints", []),
+        "secrets": list(record.secrets),
+        "labels": dict(record.labels),
+        "annotations": dict(record.annotations),
+        "limits": {k: str(v) for k, v in record.limits.items()} or None,
+        "requests": extra.get("requests"),
+        "readOnlyRootFilesystem": True,
+        "invocationCount": deployed.invocations,
+        "replicas": deployed.pool.replicas,
+        "availableReplicas": deployed.pool.available,
+        "createdAt": deployed.info.function_created_at,
+        "usage": {"cpu": 0, "totalMemoryBytes": 0},
+        "capfaas": {"version": deployed.info.version, "deployedAt": deployed.info.created_at,
+                    "signature": record.signature, "handler": record.handler, "module": record.module,
+                    "coldStarts": deployed.pool.cold_starts,
+                    "maxReplicas": deployed.pool.scaling.max, "minReplicas": deployed.pool.scaling.min},
+    }
+
+
+async def list_functions(request: web.Request) -> web.Response:
+    gateway = _gateway(request)
+    return web.json_response([_status(gateway, name) for name in sorted(gateway.service.live)])
+
+
+async def get_function(request: web.Request) -> web.Response:
+    gateway = _gateway(request)
+    name = request.match_info["name"]
+    if name not in gateway.service.live:
+        return _text(404, f"function {name!r} not found")
+    return web.json_response(_status(gateway, name))
+
+
+async def _json_body(request: web.Request, limit: int) -> Any:
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
+                                            text=f"request body larger than {limit} bytes")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw),
+                                            text=f"request body larger than {limit} bytes")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=f"the body is not valid JSON: {exc}\n") from None
+
+
+def parse_deployment(body: Any) -> tuple[DeploymentRecord, dict[str, bytes]]:
+    """An OpenFaaS FunctionDeployment plus capfaas's ``code`` field, as a record and its files.
+
+    ``code`` is ``{"files": {path: base64}, "module": "handler.py", "handler": "handle",
+    "signature": "native", "network": false}``; ``image`` has no meaning here and is only kept.
+    """
+    if not isinstance(body, dict):
+        raise InvalidInput("a deployment must be a JSON object")
+    service = body.get("service")
+    if not isinstance(service, str):
+        raise InvalidInput("'service' (the function name) is required")
+    check_name(service)
+    code = body.get("code")
+    if not isinstance(code, dict) or not isinstance(code.get("files"), dict) or not code["files"]:
+        raise InvalidInput("'code.files' must map file paths to base64 contents")
+    files: dict[str, bytes] = {}
+    for path, content in code["files"].items():
+        if not isinstance(content, str):
+            raise InvalidInput(f"the content of {path!r} must be a base64 string")
+        try:
+            files[path] = base64.b64decode(content, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"the content of {path!r} is not valid base64") from None
+    known = {"service", "code", "envVars", "secrets", "labels", "annotations", "limits"}
+    extra = {k: v for k, v in body.items() if k not in known}
+    limits = dict(body.get("limits") or {})
+    for key in ("timeout", "cpu_seconds", "open_files", "output", "tmp"):
+        if key in code:
+            limits[key] = code[key]
+    record = DeploymentRecord(
+        name=service, module=code.get("module", "handler.py"), handler=code.get("handler", "handle"),
+        signature=code.get("signature", "native"), env=body.get("envVars") or {},
+        secrets=tuple(body.get("secrets") or ()), labels=body.get("labels") or {},
+        annotations=body.get("annotations") or {}, limits=limits,
+        network=code.get("network", False), extra=extra)
+    return record, files
+
+
+async def deploy_function(request: web.Request) -> web.Response:
+    gateway = _gateway(request)
+    replace = request.method == "PUT"
+    try:
+        record, files = parse_deployment(await _json_body(request, 2 * gateway.settings.max_bundle))
+        info = await gateway.service.deploy(record, files, replace=replace,
+                                            max_bundle_bytes=gateway.settings.max_bundle)
+    except FunctionLoadError as exc:
+        return web.json_response({"error": "the function cannot be loaded", **exc.error,
+                                  "message": str(exc)}, status=400)
+    except NotFound as exc:
+        return _text(404, str(exc))
+    except AlreadyExists as exc:
+        return _text(409, str(exc))
+    except BundleTooLarge as exc:
+        return _text(413, str(exc))
+    except (RegistryError, SpecError) as exc:
+        return _text(400, str(exc))
+    return web.json_response({"name": info.name, "version": info.version}, status=200 if replace else 202)
+
+
+async def delete_function(request: web.Request) -> web.Response:
+    gateway = _gateway(request)
+    body = await _json_body(request, 64 << 10)
+    name = body.get("functionName") if isinstance(body, dict) else None
+    if not isinstance(name, str):
+        return _text(400, "the body must be {\"functionName\": NAME}")
+    if not await gateway.service.delete(name):
+        return _text(404, f"function {name!r} not found")
+    gateway.logs.lines.pop(name, None)
+    return _text(200, f"function {name!r} deleted")
+
+
+async def scale_function(request: web.Request) -> web.Response:
+    gateway = _gateway(request)
+    name = request.match_info["name"]
+    if name not in gateway.service.live:
+        return _text(404, f"function {name!r} not found")
+    body = await _json_body(request, 64 << 10)
+    replicas = body.get("replicas") if isinstance(body, dict) else None
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+        return _text(400, "the body must be {\"serviceName\": NAME, \"replicas\": N} with N >= 0")
+    asyncio.ensure_future(gateway.service.scale(name, replicas))
+    return _text(202, f"scaling {name!r} to {replicas} warm replicas")
+
+
+async def secrets(request: web.Request) -> web.Response:
+    registry: Registry = _gateway(request).service.registry
+    if request.method == "GET":
+        return web.json_response([{"name": name} for name in registry.secret_names()])
+    body = await _json_body(request, 1 << 20)
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+        return _text(400, "the body must name the secret: {\"name\": NAME, ...}")
+    name = body["name"]
+    try:
+        if request.method == "DELETE":
+            return web.Response(status=204) if registry.delete_secret(name) else _text(404, f"secret {name!r} not found")
+        if isinstance(body.get("rawValue"), str):
+            value = base64.b64decode(body["rawValue"], validate=True)
+        elif isinstance(body.get("value"), str):
+            value = body["value"].encode()
+        else:
+            return _text(400, "give the secret's 'value' (text) or 'rawValue' (base64)")
+        registry.set_secret(name, value, create=request.method == "POST")
+    except AlreadyExists as exc:
+        return _text(409, str(exc))
+    except NotFound as exc:
+        return _text(404, str(exc))
+    except (RegistryError, SpecError, binascii.Error, ValueError) as exc:
+        return _text(400, str(exc))
+    return _text(201 if request.method == "POST" else 200, f"secret {name!r} stored")
+
+
+async def system_logs(request: web.Request) -> web.StreamResponse:
+    gateway = _gateway(request)
+    name = request.query.get("name", "")
+    if not name:
+        return _text(400, "name a function: /system/logs?name=NAME")
+    try:
+        tail = int(request.query["tail"]) if request.query.get("tail") else None
+        since = _parse_since(request.query.get("since"))
+    except ValueError as exc:
+        return _text(400, str(exc))
+    follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    queue = gateway.logs.follow(name) if follow else None
+    try:
+        for line in gateway.logs.tail(name, tail if tail is None or tail >= 0 else None, since):
+            await response.write((json.dumps(line.as_openfaas()) + "\n").encode())
+        while queue is not None:
+            line = await queue.get()
+            await response.write((json.dumps(line.as_openfaas()) + "\n").encode())
+    finally:
+        if queue is not None:
+            gateway.logs.unfollow(name, queue)
+    await response.write_eof()
+    return response
+
+
+def _parse_since(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        from datetime import datetime
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ValueError(f"since must be an RFC 3339 time such as 2026-01-02T03:04:05Z, got {value!r}") from None
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=_gateway(request).metrics.render(), content_type="text/plain")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+# -- invocations --------------------------------------------------------------------------------
+
+def _invocation_headers(request: web.Request) -> dict[str, str]:
+    return {k: v for k, v in request.headers.items() if k.lower() not in ("authorization", "host", "connection")}
+
+
+async def _read_body(request: web.Request, gateway: Gateway, cvm: Any) -> tuple[Any, int | None]:
+    """The request body: small ones as bytes, large ones written once into the cVM's memory."""
+    length = request.content_length
+    limit = gateway.settings.max_body
+    if length is not None and length <= INLINE_LIMIT:
+        return await request.content.readexactly(length) if length else b"", None
+    area = cvm.receive_area[1]
+    capacity = min(limit, area) if length is None else length
+    cap, view = gateway.intravisor.receive_buffer(cvm, capacity)
+    filled = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        if filled + len(chunk) > capacity:
+            raise web.HTTPRequestEntityTooLarge(max_size=capacity, actual_size=filled + len(chunk),
+                                                text=f"request body larger than {capacity} bytes")
+        view[filled:filled + len(chunk)] = chunk
+        filled += len(chunk)
+    view.release()
+    if length is None and filled <= INLINE_LIMIT:
+        return bytes(gateway.intravisor.memory.view(cap, cap.address, filled)), None
+    if filled != capacity:
+        cap = cap.set_bounds(filled)
+    return cap, filled
+
+
+async def invoke_function(request: web.Request) -> web.StreamResponse:
+    gateway = _gateway(request)
+    name = request.match_info["name"]
+    call_id = request.headers.get("X-Call-Id") or str(uuid.uuid4())
+    start_time = time.time()
+    deployed = gateway.service.get(name)
+    if deployed is None:
+        return _text(404, f"function {name!r} not found")
+    if request.content_length is not None and request.content_length > gateway.settings.max_body:
+        return _text(413, f"request body of {request.content_length} bytes is larger than the "
+                          f"{gateway.settings.max_body}-byte maximum")
+    result, cold, cvm, pool = await _run(request, gateway, deployed, call_id)
+    if isinstance(result, web.StreamResponse):
+        return result
+    try:
+        return await _respond(request, gateway, deployed, result, call_id, start_time, cold)
+    finally:
+        if cvm is not None:
+            pool.release(cvm)
+
+
+async def _run(request: web.Request, gateway: Gateway, deployed: Any, call_id: str) -> tuple[Any, bool, Any, Any]:
+    pool = deployed.pool
+    name = deployed.spec.name
+    started = time.monotonic()
+    try:
+        cvm, cold = await pool.acquire()
+    except PoolBusy as exc:
+        return _text(429, str(exc), **{"Retry-After": str(exc.retry_after)}), False, None, pool
+    except FunctionLoadError as exc:
+        return _text(502, f"function {name!r} failed to start: {exc}"), False, None, pool
+    except Exception as exc:
+        return _text(502, f"function {name!r} could not start an instance: {exc}"), False, None, pool
+    if cold:
+        gateway.metrics.inc("capfaas_cold_starts_total", function_name=name)
+        gateway.metrics.observe("capfaas_start_seconds", time.monotonic() - started, function_name=name)
+    try:
+        body, length = await asyncio.wait_for(_read_body(request, gateway, cvm), gateway.settings.body_timeout)
+    except asyncio.TimeoutError:
+        pool.release(cvm)
+        return _text(408, f"the request body did not arrive within {gateway.settings.body_timeout:g} s"), cold, None, pool
+    except web.HTTPException as exc:
+        pool.release(cvm)
+        return _text(exc.status, exc.text or exc.reason), cold, None, pool
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pool.release(cvm)
+        return _text(400, "the client closed the connection before sending the whole body"), cold, None, pool
+    gateway.metrics.inc("gateway_function_invocation_started", function_name=name)
+    gateway.metrics.inc("capfaas_payload_bytes_total", length or len(body), function_name=name, direction="in")
+    deployed.invocations += 1
+    invocation = Invocation(method=request.method, path="/" + request.match_info.get("path", ""),
+                            query=dict(request.query), headers=_invocation_headers(request),
+                            body=body, length=length, id=call_id)
+    gateway.in_flight += 1
+    try:
+        result = await gateway.intravisor.invoke(cvm, invocation)
+    finally:
+        gateway.in_flight -= 1
+        if gateway.in_flight == 0:
+            gateway.drained.set()
+    return result, cold, cvm, pool
+
+
+def _error_body(result: Result, call_id: str) -> bytes:
+    error = result.error or {}
+    return json.dumps({"error": _ERROR_TITLES.get(result.outcome, "function failed"),
+                       "type": error.get("type", "Error"), "message": error.get("message", ""),
+                       "call_id": call_id, **({"file": error["file"], "line": error.get("line")}
+                                              if "file" in error else {})}).encode()
+
+
+_ERROR_TITLES = {"error": "the handler raised an exception", "timeout": "the function timed out",
+                 "crashed": "the function's instance crashed", "fault": "the function broke a capability rule"}
+
+
+async def _respond(request: web.Request, gateway: Gateway, deployed: Any, result: Result, call_id: str,
+                   start_time: float, cold: bool) -> web.StreamResponse:
+    name = deployed.spec.name
+    gateway.logs.add(name, call_id, result.stdout + result.stderr)
+    if result.outcome == "fault":
+        gateway.metrics.inc("capfaas_capability_faults_total", function_name=name)
+    headers = dict(result.headers)
+    body: Any = result.body
+    if result.outcome != "ok":
+        body = _error_body(result, call_id)
+        headers = {"Content-Type": "application/json"}
+    headers.update({"X-Call-Id": call_id, "X-Start-Time": str(int(start_time * 1e9)),
+                    "X-Duration-Seconds": f"{result.duration:.6f}", "X-Served-By": "capfaas",
+                    "X-Cold-Start": "1" if cold else "0"})
+    status = str(result.status)
+    gateway.metrics.inc("gateway_function_invocation_total", function_name=name, code=status)
+    gateway.metrics.observe("gateway_functions_seconds", result.duration, function_name=name, code=status)
+    gateway.metrics.inc("capfaas_payload_bytes_total", len(body), function_name=name, direction="out")
+    response = web.StreamResponse(status=result.status, headers=headers)
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body)  # straight from shared memory when the result came as a capability
+    await response.write_eof()
+    return response
+
+
+async def invoke_async(request: web.Request) -> web.Response:
+    gateway = _gateway(request)
+    name = request.match_info["name"]
+    if gateway.service.get(name) is None:
+        return _text(404, f"function {name!r} not found")
+    assert gateway.async_calls is not None
+    return await gateway.async_calls.accept(request, name)
+
+
+# -- the application ----------------------------------------------------------------------------
+
+def create_app(gateway: Gateway) -> web.Application:
+    app = web.Application(middlewares=[require_auth], client_max_size=2 * gateway.settings.max_bundle,
+                          handler_args={"max_field_size": 16 << 10, "max_line_size": 16 << 10})
+    app[STATE] = gateway
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/system/info", system_info)
+    app.router.add_get("/system/functions", list_functions)
+    app.router.add_post("/system/functions", deploy_function)
+    app.router.add_put("/system/functions", deploy_function)
+    app.router.add_delete("/system/functions", delete_function)
+    app.router.add_get("/system/function/{name}", get_function)
+    app.router.add_post("/system/scale-function/{name}", scale_function)
+    for method in ("GET", "POST", "PUT", "DELETE"):
+        app.router.add_route(method, "/system/secrets", secrets)
+    app.router.add_get("/system/logs", system_logs)
+    app.router.add_route("*", "/function/{name}", invoke_function)
+    app.router.add_route("*", "/function/{name}/{path:.*}", invoke_function)
+    app.router.add_post("/async-function/{name}", invoke_async)
+    app.router.add_post("/async-function/{name}/{path:.*}", invoke_async)
+    for routes in gateway.pm.hook.capfaas_gateway_routes():
+        app.router.add_routes(routes)
+    gateway.metrics.gauge("gateway_service_count", lambda: {
+        (("function_name", n),): float(d.pool.replicas) for n, d in gateway.service.live.items()})
+    gateway.metrics.gauge("capfaas_instances", lambda: {
+        key: value for n, d in gateway.service.live.items() for key, value in (
+            ((("function_name", n), ("state", "idle")), float(d.pool.available)),
+            ((("function_name", n), ("state", "busy")), float(d.pool.replicas - d.pool.available)))})
+    return app

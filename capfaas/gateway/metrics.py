@@ -1,0 +1,84 @@
+"""Prometheus metrics with OpenFaaS's names, plus capfaas's own: counters, gauges, histograms."""
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Callable
+
+Labels = tuple[tuple[str, str], ...]
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    escaped = (f'{k}="{v}"'.replace("\\", "\\\\").replace("\n", "\\n") for k, v in labels)
+    return "{" + ",".join(escaped) + "}"
+
+
+class Metrics:
+    """Everything ``/metrics`` shows; gauges are read from live state when scraped."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
+        self.histograms: dict[str, dict[Labels, list[float]]] = defaultdict(dict)
+        self.help: dict[str, tuple[str, str]] = {}
+        self.gauges: dict[str, Callable[[], dict[Labels, float]]] = {}
+
+    def describe(self, name: str, kind: str, text: str) -> None:
+        self.help[name] = (kind, text)
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        self.counters[name][tuple(sorted(labels.items()))] += amount
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        series = self.histograms[name].setdefault(key, [0.0] * (len(BUCKETS) + 2))
+        series[bisect.bisect_left(BUCKETS, value)] += 1
+        series[-1] += value
+
+    def gauge(self, name: str, read: Callable[[], dict[Labels, float]]) -> None:
+        self.gauges[name] = read
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def header(name: str) -> None:
+            kind, text = self.help.get(name, ("untyped", name))
+            lines.append(f"# HELP {name} {text}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        for name, series in sorted(self.counters.items()):
+            header(name)
+            lines.extend(f"{name}{_labels(k)} {v:g}" for k, v in sorted(series.items()))
+        for name, read in sorted(self.gauges.items()):
+            header(name)
+            lines.extend(f"{name}{_labels(k)} {v:g}" for k, v in sorted(read().items()))
+        for name, series in sorted(self.histograms.items()):
+            header(name)
+            for key, counts in sorted(series.items()):
+                running = 0.0
+                for bound, count in zip((*BUCKETS, float("inf")), counts):
+                    running += count
+                    le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                    lines.append(f"{name}_bucket{_labels((*key, ('le', le)))} {running:g}")
+                lines.append(f"{name}_sum{_labels(key)} {counts[-1]:g}")
+                lines.append(f"{name}_count{_labels(key)} {running:g}")
+        return "\n".join(lines) + "\n"
+
+
+def gateway_metrics() -> Metrics:
+    metrics = Metrics()
+    for name, kind, text in (
+        ("gateway_function_invocation_total", "counter", "Invocations by function and status code"),
+        ("gateway_function_invocation_started", "counter", "Invocations started by function"),
+        ("gateway_functions_seconds", "histogram", "Invocation duration by function and status code"),
+        ("gateway_service_count", "gauge", "Instances (replicas) per function"),
+        ("capfaas_cold_starts_total", "counter", "cVMs started to serve a request"),
+        ("capfaas_start_seconds", "histogram", "Time to start a cVM for a request"),
+        ("capfaas_instances", "gauge", "cVMs per function and state"),
+        ("capfaas_capability_faults_total", "counter", "cVMs stopped for breaking a capability rule"),
+        ("capfaas_payload_bytes_total", "counter", "Request and response body bytes by function and direction"),
+    ):
+        metrics.describe(name, kind, text)
+    return metrics

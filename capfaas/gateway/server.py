@@ -1,0 +1,118 @@
+"""Run the gateway: open the state, start the intravisor, restore functions, serve, drain."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from aiohttp import web
+
+from capfaas.core.backend import select_backend
+from capfaas.core.intravisor import Intravisor, Invocation
+from capfaas.credentials import admin_password, ensure_state_dir
+from capfaas.plugin_manager import make_plugin_manager
+from capfaas.registry import Registry
+
+from .app import Gateway, Settings, create_app
+from .async_calls import AsyncCalls, Queued
+from .logs import LogStore
+from .metrics import gateway_metrics
+from .service import FunctionService
+
+log = logging.getLogger("capfaas.gateway")
+DRAIN_SECONDS = 30.0
+
+
+async def open_gateway(settings: Settings, backend: str = "auto") -> Gateway:
+    """Everything behind the routes, started; ``close_gateway`` undoes it."""
+    pm = make_plugin_manager()
+    backend_class = select_backend([cls for group in pm.hook.capfaas_backends() for cls in group], backend)
+    intravisor = Intravisor(backend_class(), pm)
+    await intravisor.start()
+    registry = Registry(settings.state_dir)
+    service = FunctionService(registry, intravisor, pm, settings.state_dir, queue=settings.queue)
+    gateway = Gateway(settings, service, intravisor, pm, gateway_metrics(), LogStore())
+    gateway.async_calls = AsyncCalls(lambda queued: _invoke_queued(gateway, queued),
+                                     settings.async_queue, settings.async_workers)
+    await service.restore()
+    return gateway
+
+
+async def _invoke_queued(gateway: Gateway, queued: Queued) -> tuple[int, dict[str, str], bytes, float]:
+    deployed = gateway.service.get(queued.name)
+    if deployed is None:
+        return 404, {}, f"function {queued.name!r} not found".encode(), 0.0
+    cvm, _ = await deployed.pool.acquire()
+    try:
+        result = await gateway.intravisor.invoke(cvm, Invocation(
+            method=queued.method, path=queued.path, query=queued.query, headers=queued.headers,
+            body=queued.body, id=queued.call_id))
+        gateway.logs.add(queued.name, queued.call_id, result.stdout + result.stderr)
+        return result.status, result.headers, bytes(result.body), result.duration
+    finally:
+        deployed.pool.release(cvm)
+
+
+async def close_gateway(gateway: Gateway) -> None:
+    if gateway.async_calls is not None:
+        await gateway.async_calls.close(DRAIN_SECONDS)
+    await gateway.service.close()
+    await gateway.intravisor.close()
+    gateway.service.registry.close()
+
+
+async def deploy_directory(gateway: Gateway, directory: Path) -> list[str]:
+    """Deploy (or update) every ``*.py`` in ``directory`` as a function named after its file."""
+    from capfaas.registry import DeploymentRecord
+
+    deployed = []
+    for path in sorted(directory.glob("*.py")):
+        record = DeploymentRecord(name=path.stem, module=path.name)
+        replace = gateway.service.registry.current(path.stem) is not None
+        files = {path.name: path.read_bytes()}
+        current = gateway.service.get(path.stem)
+        if current is not None and gateway.service.registry.files(path.stem, current.info.version) == files:
+            continue  # unchanged since the last start: keep the version it has
+        await gateway.service.deploy(record, files, replace=replace, max_bundle_bytes=gateway.settings.max_bundle)
+        deployed.append(path.stem)
+    return deployed
+
+
+async def serve(settings: Settings, host: str, port: int, backend: str, deploy: Iterable[Path] = ()) -> None:
+    gateway = await open_gateway(settings, backend)
+    try:
+        for directory in deploy:
+            names = await deploy_directory(gateway, directory)
+            if names:
+                log.warning("deployed from %s: %s", directory, ", ".join(names))
+        app = create_app(gateway)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=DRAIN_SECONDS)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+        await site.start()
+        print(f"capfaas gateway on http://{host}:{port} ({gateway.intravisor.backend.name} backend, "
+              f"state in {settings.state_dir}); functions: {', '.join(sorted(gateway.service.live)) or 'none'}",
+              flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.warning("shutting down: draining in-flight invocations")
+        await runner.cleanup()  # stops accepting, waits for in-flight requests up to the drain time
+    finally:
+        await close_gateway(gateway)
+
+
+def run_server(state_dir: Path, host: str, port: int, backend: str, deploy: Iterable[Path], **options: Any) -> None:
+    state_dir = ensure_state_dir(state_dir)
+    password = admin_password(state_dir, create=True)
+    assert password is not None
+    settings = Settings(state_dir=state_dir, admin_password=password, **options)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(settings, host, port, backend, list(deploy)))

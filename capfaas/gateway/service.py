@@ -1,0 +1,160 @@
+"""Deployed functions as the gateway serves them: registry rows, their bundles, their pools.
+
+A deploy is validated in a real cVM before it is committed, committed in one transaction, and only
+then made current; the previous version's pool keeps serving the invocations it already started.
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from capfaas.core.intravisor import Intravisor
+from capfaas.core.spec import FunctionSpec
+from capfaas.plugins.pooling import Scaling
+from capfaas.registry import DeploymentRecord, InvalidInput, NotFound, Registry, VersionInfo, check_bundle
+
+SCALE_MIN = "com.openfaas.scale.min"
+SCALE_MAX = "com.openfaas.scale.max"
+SCALE_ZERO = "com.openfaas.scale.zero"
+DEFAULT_MAX = 4
+
+
+@dataclass
+class Deployed:
+    """One live version of a function and the pool of its cVMs."""
+
+    info: VersionInfo
+    spec: FunctionSpec
+    pool: Any
+    invocations: int = 0
+
+
+def scaling_of(labels: Mapping[str, str], queue: int) -> Scaling:
+    """The pool bounds the OpenFaaS scaling labels ask for, checked."""
+    def number(key: str, default: int, least: int) -> int:
+        raw = labels.get(key)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InvalidInput(f"label {key} must be a whole number, got {raw!r}") from None
+        if value < least:
+            raise InvalidInput(f"label {key} must be at least {least}, got {value}")
+        return value
+
+    low = number(SCALE_MIN, 0, 0)
+    high = number(SCALE_MAX, max(DEFAULT_MAX, low), 1)
+    if low > high:
+        raise InvalidInput(f"{SCALE_MIN} ({low}) is larger than {SCALE_MAX} ({high})")
+    return Scaling(min=low, max=high, queue=queue)
+
+
+class FunctionService:
+    """The registry, the intravisor and the pools, kept consistent."""
+
+    def __init__(self, registry: Registry, intravisor: Intravisor, pm: pluggy.PluginManager,
+                 state_dir: Path, *, queue: int = 64) -> None:
+        self.registry = registry
+        self.intravisor = intravisor
+        self.pm = pm
+        self.state_dir = state_dir
+        self.queue = queue
+        self.live: dict[str, Deployed] = {}
+        self._lock = asyncio.Lock()
+        self._make_pool = pm.hook.capfaas_pool_factory()
+
+    async def restore(self) -> None:
+        """Serve every function the registry holds, as it was before a restart or crash."""
+        for info in self.registry.list():
+            await self._activate(info)
+
+    def _spec(self, info: VersionInfo, bundle: Path) -> FunctionSpec:
+        secrets = self.registry.secret_values(info.record.secrets)
+        return info.to_spec(bundle, secrets=secrets)
+
+    async def _activate(self, info: VersionInfo, warm: Any = None) -> Deployed:
+        bundle = await asyncio.to_thread(self.registry.materialize, info.name, info.version)
+        spec = self._spec(info, bundle)
+        pool = self._make_pool(self.intravisor, spec, scaling_of(info.record.labels, self.queue))
+        deployed = Deployed(info, spec, pool)
+        previous = self.live.get(info.name)
+        self.live[info.name] = deployed
+        if warm is not None:
+            pool.adopt(warm)
+        if previous is not None:
+            await previous.pool.close()
+        asyncio.ensure_future(self._warm_up(deployed))
+        return deployed
+
+    async def _warm_up(self, deployed: Deployed) -> None:
+        """Start the minimum number of instances the scaling labels ask for."""
+        try:
+            await deployed.pool.scale_to(deployed.pool.scaling.min)
+        except Exception:  # the cVM hooks saw why; the next request retries the start
+            return
+
+    async def validate(self, record: DeploymentRecord, files: Mapping[str, bytes], max_bundle_bytes: int) -> None:
+        """Load the code in a fresh cVM; a FunctionLoadError says what is wrong and where."""
+        checked = check_bundle(files, record.module, max_bundle_bytes=max_bundle_bytes)  # paths first
+        try:
+            secrets = self.registry.secret_values(record.secrets)
+        except NotFound as exc:
+            raise InvalidInput(f"{exc}: create it with POST /system/secrets first") from None
+        staging_root = self.state_dir / "staging"
+        staging_root.mkdir(exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=staging_root))
+        try:
+            for bundle_file in checked:
+                target = scratch / bundle_file.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(bundle_file.content)
+            spec = record.spec(scratch, secrets)
+            cvm = await self.intravisor.create(spec)
+            await self.intravisor.stop(cvm, "validated")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    async def deploy(self, record: DeploymentRecord, files: Mapping[str, bytes], *, replace: bool,
+                     max_bundle_bytes: int) -> VersionInfo:
+        async with self._lock:
+            current = self.registry.current(record.name)
+            if replace and current is None:
+                raise NotFound(f"function {record.name!r} does not exist; create it with POST")
+            await self.validate(record, files, max_bundle_bytes)
+            info = await asyncio.to_thread(self.registry.deploy, record, files, replace=replace,
+                                           max_bundle_bytes=max_bundle_bytes)
+            await self._activate(info)
+            self.pm.hook.capfaas_deployed(spec=self.live[info.name].spec)
+            return info
+
+    async def delete(self, name: str) -> bool:
+        async with self._lock:
+            if not self.registry.delete(name):
+                return False
+            deployed = self.live.pop(name, None)
+            if deployed is not None:
+                await deployed.pool.close()
+            return True
+
+    def get(self, name: str) -> Deployed | None:
+        return self.live.get(name)
+
+    async def scale(self, name: str, replicas: int) -> None:
+        """Set the warm count (OpenFaaS's scale-function), within the function's maximum."""
+        deployed = self.live[name]
+        pool = deployed.pool
+        pool.scaling = Scaling(min=min(replicas, pool.scaling.max), max=pool.scaling.max, queue=pool.scaling.queue)
+        await pool.scale_to(replicas)
+
+    async def close(self) -> None:
+        for deployed in self.live.values():
+            await deployed.pool.close()
+        self.live.clear()
