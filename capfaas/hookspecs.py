@@ -34,7 +34,7 @@ def capfaas_backends() -> list[type[Backend]]:
 def capfaas_libos() -> Any:
     """Return the library OS that confines function code inside each cVM.
 
-    The object must offer ``enter(policy, allow_fork=False)``, ``seal()`` and ``capture()``
+    The object must offer ``enter(policy, allow_fork=False)`` and ``seal(prepare=None)``
     (see ``capfaas.plugins.libos.LibraryOS``). The first plugin to answer wins, so a plugin
     registered later than the built-in one can replace it.
     """
