@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .console import Console
 from .spec import FunctionSpec
 
 
@@ -49,11 +50,12 @@ class LaunchRequest:
 
 
 class CVMProcess(abc.ABC):
-    """A started cVM as the intravisor sees it: a control channel and a way to stop it."""
+    """A started cVM as the intravisor sees it: a control channel, its console, a way to stop it."""
 
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     pid: int | None
+    console: Console
 
     @abc.abstractmethod
     def kill(self) -> None:
@@ -62,6 +64,28 @@ class CVMProcess(abc.ABC):
     @abc.abstractmethod
     async def wait(self) -> str:
         """Wait for the cVM to end and describe how: ``"exited with status 0"``, ``"killed by SIGKILL"`` …"""
+
+
+class TemplateFailed(Exception):
+    """A function template could not load the function; ``error`` says what and where."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        self.error = error
+        super().__init__(error.get("message", "the function template failed"))
+
+
+class TemplateProcess(abc.ABC):
+    """A function's template: its code imported and initialised once; instances are cloned from it."""
+
+    pid: int | None
+
+    @abc.abstractmethod
+    async def fork(self, request: LaunchRequest) -> CVMProcess:
+        """Clone one instance into ``request.region``."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Stop the template (instances already cloned keep running)."""
 
 
 class Backend(abc.ABC):
@@ -84,6 +108,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def launch(self, request: LaunchRequest) -> CVMProcess:
         """Start one cVM."""
+
+    async def launch_template(self, spec: FunctionSpec, region_size: int) -> TemplateProcess | None:
+        """Start a template for ``spec``, or None when this backend cannot clone cVMs (each start is fresh)."""
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None:

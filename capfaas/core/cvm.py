@@ -40,6 +40,8 @@ class CVM:
     process: CVMProcess
     state: State = State.STARTING
     invocations: int = 0
+    peak_rss: int = 0
+    """Bytes of the cVM's peak resident memory, as it last reported."""
     stop_reason: str = ""
     grants: list[Capability] = field(default_factory=list)
     """Capabilities the intravisor handed this cVM besides its own region (read-only payloads …)."""

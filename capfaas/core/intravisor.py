@@ -9,14 +9,15 @@ with a capability fault and the cVM, which has shown it cannot be trusted, is st
 from __future__ import annotations
 
 import asyncio
+import resource
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
-from .backend import Backend, LaunchRequest, Region
+from .backend import Backend, LaunchRequest, Region, TemplateFailed, TemplateProcess
 from .capability import Capability
 from .cvm import CVM, ChannelClosed, ProtocolViolation, State
 from .faults import CapabilityFault, TagFault
@@ -26,7 +27,8 @@ from .spec import FunctionSpec
 
 GiB = 1 << 30
 DEFAULT_REGION_SIZE = 1 * GiB
-DEFAULT_SEGMENT_SIZE = 256 * GiB
+DEFAULT_SEGMENT_SIZE = 1024 * GiB
+"""Address space, not memory: the segment is sparse, and a region costs only what its cVM touches."""
 START_TIMEOUT = 30.0
 READ_ONLY = int(Perm.LOAD | Perm.GLOBAL)
 
@@ -54,7 +56,7 @@ class Invocation:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes | memoryview | Capability = b""
     length: int | None = None
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = field(default_factory=lambda: secrets.token_hex(16))
     inline: bool = False
     """Send a bytes body inside the control message whatever its size (the copying path)."""
 
@@ -90,8 +92,12 @@ class Intravisor:
         self._free_regions: list[int] = []
         self._next_id = 1
         self.cvms: dict[int, CVM] = {}
+        self._invoke_hooks = bool(pm.hook.capfaas_before_invoke.get_hookimpls()
+                                  or pm.hook.capfaas_after_invoke.get_hookimpls())
+        """Whether any plugin listens to invocations; the hot path skips the calls when none does."""
 
     async def start(self) -> None:
+        _raise_descriptor_limit()
         self.memory = await self.backend.start(self.segment_size)
         self.root = self.memory.root_capability()
         self._free_regions = list(range(self.segment_size // self.region_size - 1, -1, -1))
@@ -117,8 +123,15 @@ class Intravisor:
         offset = slot * self.region_size
         return Region(self.memory.base + offset, self.region_size, offset)
 
-    async def create(self, spec: FunctionSpec) -> CVM:
-        """Start a cVM for ``spec`` and wait until its function is loaded."""
+    async def create_template(self, spec: FunctionSpec) -> TemplateProcess | None:
+        """A template of ``spec`` to clone instances from (None if the backend cannot clone)."""
+        try:
+            return await self.backend.launch_template(spec, self.region_size)
+        except TemplateFailed as exc:
+            raise FunctionLoadError(exc.error) from None
+
+    async def create(self, spec: FunctionSpec, template: TemplateProcess | None = None) -> CVM:
+        """Start a cVM for ``spec`` (cloned from ``template`` when given); wait until it is ready."""
         assert self.root is not None, "start() the intravisor first"
         region = self._region()
         bounded = self.root.set_address(region.base).set_bounds_exact(region.size)
@@ -126,7 +139,8 @@ class Intravisor:
         pcc = bounded.and_permissions(CODE_PERMS)
         cvm_id, self._next_id = self._next_id, self._next_id + 1
         try:
-            process = await self.backend.launch(LaunchRequest(cvm_id, spec, region, ddc, pcc))
+            request = LaunchRequest(cvm_id, spec, region, ddc, pcc)
+            process = await (template.fork(request) if template is not None else self.backend.launch(request))
         except BaseException:
             self._free_regions.append(region.offset // self.region_size)
             raise
@@ -209,7 +223,8 @@ class Intravisor:
         started = time.monotonic()
         timeout = cvm.spec.limits.timeout
         message = self._invoke_message(cvm, invocation, time.time() + timeout)
-        self.pm.hook.capfaas_before_invoke(spec=cvm.spec, invocation_id=invocation.id)
+        if self._invoke_hooks:
+            self.pm.hook.capfaas_before_invoke(spec=cvm.spec, invocation_id=invocation.id)
         try:
             async with asyncio.timeout(timeout):  # no extra task per call, unlike wait_for
                 await cvm.send(message)
@@ -229,9 +244,11 @@ class Intravisor:
             await self.stop(cvm, "fault")
             result = _failure(502, "fault", type(exc).__name__,
                               f"function {cvm.spec.name!r} broke the rules and its cVM was stopped: {exc}")
+        result.stdout, result.stderr = cvm.process.console.take()
         result.duration = time.monotonic() - started
-        self.pm.hook.capfaas_after_invoke(spec=cvm.spec, invocation_id=invocation.id,
-                                          status=result.status, duration=result.duration)
+        if self._invoke_hooks:
+            self.pm.hook.capfaas_after_invoke(spec=cvm.spec, invocation_id=invocation.id,
+                                              status=result.status, duration=result.duration)
         return result
 
     def _invoke_message(self, cvm: CVM, invocation: Invocation, deadline: float) -> dict[str, Any]:
@@ -261,13 +278,17 @@ class Intravisor:
         if not isinstance(headers, dict) or not isinstance(status, int):
             raise ProtocolViolation("malformed result status or headers")
         error = reply.get("error")
-        return Result(status, {str(k): str(v) for k, v in headers.items()}, body,
-                      "error" if error else "ok", error,
-                      _bytes(reply.get("stdout")), _bytes(reply.get("stderr")))
+        if isinstance(reply.get("rss"), int):
+            cvm.peak_rss = reply["rss"]
+        return Result(status, {str(k): str(v) for k, v in headers.items()}, body, "error" if error else "ok", error)
 
 
-def _bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else b""
+def _raise_descriptor_limit() -> None:
+    """Each cVM costs the intravisor a few descriptors (control socket, console pipes, pidfd):
+    lift the soft limit to the hard one so hundreds of cVMs fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _limit_hint(how: str) -> str:

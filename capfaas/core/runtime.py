@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import resource
 import socket
 import sys
 import traceback
@@ -56,7 +57,7 @@ class Region:
         return cap, length
 
 
-def _error(kind: str, exc: BaseException, spec: FunctionSpec) -> dict[str, Any]:
+def error_report(kind: str, exc: BaseException, spec: FunctionSpec) -> dict[str, Any]:
     """An error report that says what and where (file and line inside the bundle)."""
     where = None
     if isinstance(exc, SyntaxError) and exc.filename:
@@ -72,8 +73,8 @@ def _error(kind: str, exc: BaseException, spec: FunctionSpec) -> dict[str, Any]:
     return error
 
 
-def load_handler(spec: FunctionSpec) -> Any:
-    """Import the function's module from its bundle and return its handler."""
+def load_function(spec: FunctionSpec) -> tuple[Any, Any]:
+    """Import the function's module from its bundle; return it and its handler."""
     path = spec.bundle / spec.module
     sys.path.insert(0, str(spec.bundle))
     module_spec = importlib.util.spec_from_file_location(spec.module_name, path)
@@ -85,26 +86,47 @@ def load_handler(spec: FunctionSpec) -> Any:
     handler = getattr(module, spec.handler, None)
     if not callable(handler):
         raise AttributeError(f"{spec.module} defines no callable {spec.handler!r}")
+    return module, handler
+
+
+def load_handler(spec: FunctionSpec) -> Any:
+    """Import the function and run its optional ``init()``; return its handler."""
+    module, handler = load_function(spec)
+    init = getattr(module, "init", None)
+    if callable(init):
+        init()
     return handler
+
+
+def _flush(*streams: Any) -> None:
+    for stream in streams:
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # replaced or closed by the function
+            pass
 
 
 class Runtime:
     """Serves one cVM's control channel until told to stop or the intravisor goes away."""
 
-    def __init__(self, sock: socket.socket, spec: FunctionSpec, region: Region, libos: Any) -> None:
+    def __init__(self, sock: socket.socket, spec: FunctionSpec, region: Region) -> None:
         self.sock = sock
         self.spec = spec
         self.region = region
-        self.libos = libos
         self.unpacker = wire.unpacker(max_buffer_size=1 << 31)  # the intravisor is trusted
-        self.loop = asyncio.new_event_loop()  # made before confinement: it needs a socketpair
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.logger = logging.getLogger(spec.name)
         self.logger.propagate = False
-        handler = logging.StreamHandler()
+        handler = logging.StreamHandler(sys.stderr)  # the console: the intravisor reads it
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        handler.stream = None  # bound to the captured stderr for each invocation
-        self.log_handler = handler
         self.logger.addHandler(handler)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """Made on the first ``async def`` call: a cold start of a plain handler never pays for it."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop
 
     def send(self, message: dict[str, Any]) -> None:
         self.sock.sendall(wire.pack(message))
@@ -118,12 +140,12 @@ class Runtime:
                 return None
             self.unpacker.feed(data)
 
-    def start(self, handler_loader: Any = load_handler) -> Any:
+    def start(self, handler_loader: Any) -> Any:
         """Load the function; report ``ready`` or, with file and line, why it cannot run."""
         try:
             handler = handler_loader(self.spec)
         except BaseException as exc:  # import-time failures of user code, SystemExit included
-            self.send({"op": "failed", "error": _error("import", exc, self.spec)})
+            self.send({"op": "failed", "error": error_report("import", exc, self.spec)})
             return None
         self.call, self.convert = adapt(handler, self.spec.signature)
         self.send({"op": "ready", "pid": os.getpid()})
@@ -159,24 +181,21 @@ class Runtime:
         context = Context(self.spec.name, call_id, message.get("deadline", 0.0), self.logger,
                           share=lambda data: self.region.share(data)[0])
         reply: dict[str, Any] = {"op": "result", "id": call_id}
-        with self.libos.capture() as captured:
-            self.log_handler.stream = sys.stderr
-            try:
-                value = self.call(self._event(message), context)
-                if inspect.isawaitable(value):
-                    value = self.loop.run_until_complete(value)
-                response = self.convert(value, Capability)
-                reply.update(status=response.status, headers=response.headers)
-                reply.update(self._body(response.body))
-            except BaseException as exc:  # the handler's failure is the invocation's result
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                traceback.print_exc()
-                stage = "result" if isinstance(exc, HandlerResultError) else "handler"
-                reply.update(status=500, error=_error(stage, exc, self.spec))
-            finally:
-                self.log_handler.stream = None
-        reply.update(stdout=captured.stdout, stderr=captured.stderr)
+        try:
+            value = self.call(self._event(message), context)
+            if inspect.isawaitable(value):
+                value = self.loop.run_until_complete(value)
+            response = self.convert(value, Capability)
+            reply.update(status=response.status, headers=response.headers)
+            reply.update(self._body(response.body))
+        except BaseException as exc:  # the handler's failure is the invocation's result
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            traceback.print_exc()
+            stage = "result" if isinstance(exc, HandlerResultError) else "handler"
+            reply.update(status=500, error=error_report(stage, exc, self.spec))
+        _flush(sys.stdout, sys.stderr)  # all of this invocation's output is in the pipes before the reply
+        reply["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return reply
 
     def _body(self, body: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from capfaas.credentials import admin_password, ensure_state_dir
 from capfaas.plugin_manager import make_plugin_manager
 from capfaas.registry import Registry
 
-from .app import Gateway, Settings, create_app
+from .app import Gateway, Settings, _acquire, _error_body, _retire, create_app
 from .async_calls import AsyncCalls, Queued
 from .logs import LogStore
 from .metrics import gateway_metrics
@@ -25,6 +25,7 @@ from .service import FunctionService
 
 log = logging.getLogger("capfaas.gateway")
 DRAIN_SECONDS = 30.0
+ASYNC_BUSY_RETRIES = 8
 
 
 async def open_gateway(settings: Settings, backend: str = "auto") -> Gateway:
@@ -37,21 +38,38 @@ async def open_gateway(settings: Settings, backend: str = "auto") -> Gateway:
     service = FunctionService(registry, intravisor, pm, settings.state_dir, queue=settings.queue)
     gateway = Gateway(settings, service, intravisor, pm, gateway_metrics(), LogStore())
     gateway.async_calls = AsyncCalls(lambda queued: _invoke_queued(gateway, queued),
-                                     settings.async_queue, settings.async_workers)
+                                     settings.async_queue, settings.async_workers, max_body=settings.max_body)
     await service.restore()
+    service.start_reaper()
     return gateway
 
 
 async def _invoke_queued(gateway: Gateway, queued: Queued) -> tuple[int, dict[str, str], bytes, float]:
-    deployed = gateway.service.get(queued.name)
-    if deployed is None:
-        return 404, {}, f"function {queued.name!r} not found".encode(), 0.0
-    cvm, _ = await deployed.pool.acquire()
+    """One asynchronous call, as its callback reports it; waits out a busy function (as OpenFaaS's
+    queue-worker retries) and answers failures with the status and JSON body a synchronous call gets."""
+    delay = 0.1
+    for _ in range(ASYNC_BUSY_RETRIES):
+        acquired = await _acquire(gateway, queued.name)
+        if not (isinstance(acquired, web.Response) and acquired.status == 429):
+            break
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+    if isinstance(acquired, web.Response):
+        return acquired.status, {"Content-Type": "text/plain; charset=utf-8"}, bytes(acquired.body or b""), 0.0
+    deployed, cvm, _ = acquired
+    gateway.metrics.inc("gateway_function_invocation_started", function_name=queued.name)
     try:
         result = await gateway.intravisor.invoke(cvm, Invocation(
             method=queued.method, path=queued.path, query=queued.query, headers=queued.headers,
             body=queued.body, id=queued.call_id))
+    except BaseException:  # cancelled at shutdown, or the instance failed: it cannot be reused
+        _retire(gateway, deployed.pool, cvm, "asynchronous invocation abandoned")
+        raise
+    try:
         gateway.logs.add(queued.name, queued.call_id, result.stdout + result.stderr)
+        gateway.metrics.inc("gateway_function_invocation_total", function_name=queued.name, code=str(result.status))
+        if result.outcome != "ok":
+            return result.status, {"Content-Type": "application/json"}, _error_body(result, queued.call_id), result.duration
         return result.status, result.headers, bytes(result.body), result.duration
     finally:
         deployed.pool.release(cvm)

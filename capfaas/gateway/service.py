@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from capfaas.registry import DeploymentRecord, InvalidInput, NotFound, Registry,
 SCALE_MIN = "com.openfaas.scale.min"
 SCALE_MAX = "com.openfaas.scale.max"
 SCALE_ZERO = "com.openfaas.scale.zero"
+SCALE_ZERO_DURATION = "com.openfaas.scale.zero-duration"
+REAP_INTERVAL = 1.0
 DEFAULT_MAX = 4
 
 
@@ -34,6 +37,19 @@ class Deployed:
     spec: FunctionSpec
     pool: Any
     invocations: int = 0
+
+
+def _seconds(text: str, key: str) -> float:
+    """``300``, ``90s``, ``15m`` or ``1h`` as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        raise InvalidInput(f"label {key} must be a duration such as 90s or 15m, got {text!r}") from None
+    if value <= 0:
+        raise InvalidInput(f"label {key} must be positive, got {text!r}")
+    return value
 
 
 def scaling_of(labels: Mapping[str, str], queue: int) -> Scaling:
@@ -54,7 +70,11 @@ def scaling_of(labels: Mapping[str, str], queue: int) -> Scaling:
     high = number(SCALE_MAX, max(DEFAULT_MAX, low), 1)
     if low > high:
         raise InvalidInput(f"{SCALE_MIN} ({low}) is larger than {SCALE_MAX} ({high})")
-    return Scaling(min=low, max=high, queue=queue)
+    zero = labels.get(SCALE_ZERO, "true").lower()
+    if zero not in ("true", "false"):
+        raise InvalidInput(f"label {SCALE_ZERO} must be true or false, got {zero!r}")
+    idle = _seconds(labels[SCALE_ZERO_DURATION], SCALE_ZERO_DURATION) if SCALE_ZERO_DURATION in labels else 300.0
+    return Scaling(min=low, max=high, queue=queue, scale_to_zero=zero == "true", idle_timeout=idle)
 
 
 class FunctionService:
@@ -70,6 +90,18 @@ class FunctionService:
         self.live: dict[str, Deployed] = {}
         self._lock = asyncio.Lock()
         self._make_pool = pm.hook.capfaas_pool_factory()
+        self._reaper: asyncio.Task[None] | None = None
+
+    def start_reaper(self) -> None:
+        """Scale idle instances down (to zero) in the background, once a second."""
+        self._reaper = asyncio.ensure_future(self._reap())
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            now = time.monotonic()
+            for deployed in list(self.live.values()):
+                await deployed.pool.reap_idle(now)
 
     async def restore(self) -> None:
         """Serve every function the registry holds, as it was before a restart or crash."""
@@ -80,23 +112,22 @@ class FunctionService:
         secrets = self.registry.secret_values(info.record.secrets)
         return info.to_spec(bundle, secrets=secrets)
 
-    async def _activate(self, info: VersionInfo, warm: Any = None) -> Deployed:
+    async def _activate(self, info: VersionInfo) -> Deployed:
         bundle = await asyncio.to_thread(self.registry.materialize, info.name, info.version)
         spec = self._spec(info, bundle)
         pool = self._make_pool(self.intravisor, spec, scaling_of(info.record.labels, self.queue))
         deployed = Deployed(info, spec, pool)
         previous = self.live.get(info.name)
         self.live[info.name] = deployed
-        if warm is not None:
-            pool.adopt(warm)
         if previous is not None:
             await previous.pool.close()
         asyncio.ensure_future(self._warm_up(deployed))
         return deployed
 
     async def _warm_up(self, deployed: Deployed) -> None:
-        """Start the minimum number of instances the scaling labels ask for."""
+        """Start the template, then the minimum number of instances the scaling labels ask for."""
         try:
+            await deployed.pool.prepare()
             await deployed.pool.scale_to(deployed.pool.scaling.min)
         except Exception:  # the cVM hooks saw why; the next request retries the start
             return
@@ -151,10 +182,12 @@ class FunctionService:
         """Set the warm count (OpenFaaS's scale-function), within the function's maximum."""
         deployed = self.live[name]
         pool = deployed.pool
-        pool.scaling = Scaling(min=min(replicas, pool.scaling.max), max=pool.scaling.max, queue=pool.scaling.queue)
+        pool.scaling = replace(pool.scaling, min=min(replicas, pool.scaling.max))
         await pool.scale_to(replicas)
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         for deployed in self.live.values():
             await deployed.pool.close()
         self.live.clear()

@@ -1,13 +1,19 @@
-"""Warm cVMs per function version, started single-flight, with a bounded queue in front.
+"""Cold-start pooling: a template per function version, warm instances cloned from it.
 
-A burst at a cold function starts only as many cVMs as it needs, up to the maximum; requests
-beyond the instances and the queue are refused at once (the gateway answers 429 with
-Retry-After) rather than left to time out.
+The template imports the function and runs its initialisation once; instances are cloned from it
+(copy-on-write), so a cold start costs a fork, not an import. A burst at a cold function starts
+only the instances it needs, up to the maximum (single-flight); requests beyond the instances and
+the queue are refused at once (the gateway answers 429 with Retry-After). Idle instances stop
+after an idle timeout (scale to zero), instances are recycled after a number of invocations or
+past a memory threshold, and a global budget stops the least recently used idle instances of
+other functions before it lets the host run out of instances or memory.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,27 +31,84 @@ class PoolBusy(Exception):
         super().__init__(f"function {name!r} is at its concurrency limit and its queue is full")
 
 
+class BudgetExhausted(Exception):
+    """The host-wide instance or memory budget is spent and nothing idle can be stopped."""
+
+
 @dataclass(frozen=True)
 class Scaling:
     min: int = 0
     max: int = 4
     queue: int = 64
     """Requests that may wait for an instance before the pool refuses more."""
+    scale_to_zero: bool = True
+    idle_timeout: float = 300.0
+    """Seconds an instance may sit idle before it is stopped (down to ``min``)."""
+    recycle_after: int = 10_000
+    """Invocations after which an instance is replaced by a fresh clone."""
+    recycle_rss: int = 512 << 20
+    """Peak resident memory (bytes) past which an instance is replaced after its invocation."""
+
+
+@dataclass
+class Budget:
+    """Limits for all pools of one intravisor together."""
+
+    instances: int = 1000
+    memory: int = 16 << 30
+    """Bytes of functions' memory limits that running instances may add up to."""
+    pools: weakref.WeakSet[FunctionPool] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.pools = weakref.WeakSet()
+
+    def usage(self) -> tuple[int, int]:
+        count = sum(len(pool.instances) + pool.starting for pool in self.pools)
+        memory = sum((len(pool.instances) + pool.starting) * pool.spec.limits.memory for pool in self.pools)
+        return count, memory
+
+    async def make_room(self, asking: FunctionPool) -> None:
+        """Stop least recently used idle instances of other functions until one more fits."""
+        while True:
+            count, memory = self.usage()
+            if count < self.instances and memory + asking.spec.limits.memory <= self.memory:
+                return
+            victims = [(stamp, pool) for pool in self.pools if pool is not asking
+                       for stamp in pool.idle_since.values()]
+            if not victims:
+                raise BudgetExhausted(f"the host's budget of {self.instances} instances and "
+                                      f"{self.memory >> 20} MiB is spent and no other function has an idle instance")
+            _, pool = min(victims, key=lambda pair: pair[0])
+            await pool.stop_oldest_idle("budget: room for another function")
+
+
+_BUDGETS: weakref.WeakKeyDictionary[Intravisor, Budget] = weakref.WeakKeyDictionary()
+
+
+def budget_of(intravisor: Intravisor) -> Budget:
+    """The one budget all pools on ``intravisor`` share."""
+    return _BUDGETS.setdefault(intravisor, Budget())
 
 
 class FunctionPool:
-    """The cVMs of one function version."""
+    """The template and the cVMs of one function version."""
 
     def __init__(self, intravisor: Intravisor, spec: FunctionSpec, scaling: Scaling) -> None:
         self.intravisor = intravisor
         self.spec = spec
         self.scaling = scaling
         self.idle: collections.deque[CVM] = collections.deque()
+        self.idle_since: dict[CVM, float] = {}
         self.instances: set[CVM] = set()
         self.starting = 0
         self.waiters: collections.deque[asyncio.Future[CVM]] = collections.deque()
         self.cold_starts = 0
+        self.start_seconds: list[float] = []
         self.closed = False
+        self.template: Any = None
+        self._template_ready: asyncio.Task[Any] | None = None
+        self.budget = budget_of(intravisor)
+        self.budget.pools.add(self)
 
     @property
     def replicas(self) -> int:
@@ -55,22 +118,24 @@ class FunctionPool:
     def available(self) -> int:
         return len(self.idle)
 
-    def adopt(self, cvm: CVM) -> None:
-        """Take a ready cVM started elsewhere (the one that validated a deploy) as an idle instance."""
-        self.instances.add(cvm)
-        self._hand_over(cvm)
+    async def prepare(self) -> None:
+        """Start the template; instances wait for it. A failure surfaces on every start."""
+        if self._template_ready is None:
+            self._template_ready = asyncio.ensure_future(self.intravisor.create_template(self.spec))
+        self.template = await asyncio.shield(self._template_ready)
 
     async def acquire(self) -> tuple[CVM, bool]:
         """An idle instance, a new one, or a place in the queue; returns (cvm, cold)."""
         while self.idle:
-            cvm = self.idle.popleft()
+            cvm = self.idle.pop()  # the most recently used: its pages are the warmest
+            self.idle_since.pop(cvm, None)
             if cvm.state is not State.STOPPED:
                 return cvm, False
             self.instances.discard(cvm)
         if self.replicas < self.scaling.max:
             return await self._start(), True
         if len(self.waiters) >= self.scaling.queue:
-            raise PoolBusy(self.spec.name, retry_after=max(1, int(self.spec.limits.timeout // 10) or 1))
+            raise PoolBusy(self.spec.name, retry_after=max(1, round(self.spec.limits.timeout / 10)))
         waiter: asyncio.Future[CVM] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         try:
@@ -81,9 +146,14 @@ class FunctionPool:
             raise
 
     async def _start(self) -> CVM:
+        await self.budget.make_room(self)  # counts this start once it is under way, just below
         self.starting += 1
         try:
-            cvm = await self.intravisor.create(self.spec)
+            await self.prepare()
+            began = time.monotonic()
+            cvm = await self.intravisor.create(self.spec, self.template)
+            self.start_seconds.append(time.monotonic() - began)
+            del self.start_seconds[:-1000]
         finally:
             self.starting -= 1
         self.cold_starts += 1
@@ -96,22 +166,35 @@ class FunctionPool:
         while self.replicas < count and not self.closed:
             self._hand_over(await self._start())
         while self.replicas > count and self.idle:
-            cvm = self.idle.pop()
-            self.instances.discard(cvm)
-            await self.intravisor.stop(cvm, "scaled down")
+            await self.stop_oldest_idle("scaled down")
+
+    async def stop_oldest_idle(self, reason: str) -> None:
+        cvm = self.idle.popleft()
+        self.idle_since.pop(cvm, None)
+        self.instances.discard(cvm)
+        await self.intravisor.stop(cvm, reason)
+
+    def _worn_out(self, cvm: CVM) -> bool:
+        return cvm.invocations >= self.scaling.recycle_after or cvm.peak_rss > self.scaling.recycle_rss
 
     def release(self, cvm: CVM) -> None:
-        """Give an instance back after an invocation; a stopped one is replaced on demand."""
-        if self.closed:
+        """Give an instance back after an invocation; a stopped or worn-out one is replaced on demand."""
+        if self.closed or (cvm.state is not State.STOPPED and self._worn_out(cvm)):
             self.instances.discard(cvm)
-            asyncio.ensure_future(self.intravisor.stop(cvm, "version retired"))
+            reason = "version retired" if self.closed else "recycled"
+            asyncio.ensure_future(self.intravisor.stop(cvm, reason))
+            if not self.closed:
+                self._replace_for_waiters()
             return
         if cvm.state is State.STOPPED:
             self.instances.discard(cvm)
-            if self.waiters and self.replicas < self.scaling.max:
-                asyncio.ensure_future(self._start_for_waiter())
+            self._replace_for_waiters()
             return
         self._hand_over(cvm)
+
+    def _replace_for_waiters(self) -> None:
+        if self.waiters and self.replicas < self.scaling.max:
+            asyncio.ensure_future(self._start_for_waiter())
 
     def _hand_over(self, cvm: CVM) -> None:
         while self.waiters:
@@ -120,6 +203,7 @@ class FunctionPool:
                 waiter.set_result(cvm)
                 return
         self.idle.append(cvm)
+        self.idle_since[cvm] = time.monotonic()
 
     async def _start_for_waiter(self) -> None:
         try:
@@ -130,15 +214,27 @@ class FunctionPool:
             return
         self._hand_over(cvm)
 
+    async def reap_idle(self, now: float) -> None:
+        """Stop instances idle longer than the idle timeout, down to the minimum (or one, when the
+        function must not scale to zero)."""
+        floor = self.scaling.min if self.scaling.scale_to_zero else max(self.scaling.min, 1)
+        while (self.idle and self.replicas > floor
+               and now - self.idle_since[self.idle[0]] >= self.scaling.idle_timeout):
+            await self.stop_oldest_idle("idle: scaled to zero" if self.replicas == 1 else "idle")
+
     async def close(self) -> None:
-        """Stop every instance of this version (in-flight invocations finish first)."""
+        """Stop the template and the idle instances (busy ones stop when released)."""
         self.closed = True
         for waiter in self.waiters:
             if not waiter.done():
                 waiter.cancel()
-        for cvm in list(self.idle):
-            await self.intravisor.stop(cvm, "scaled down")
-        self.idle.clear()
+        while self.idle:
+            await self.stop_oldest_idle("version retired")
+        if self._template_ready is not None:
+            if not self._template_ready.done():
+                self._template_ready.cancel()
+            elif not self._template_ready.cancelled() and self._template_ready.exception() is None:
+                self._template_ready.result().kill()
 
 
 def make_pool(intravisor: Intravisor, spec: FunctionSpec, scaling: Scaling) -> FunctionPool:

@@ -9,7 +9,10 @@ import sys
 from typing import Any
 
 from capfaas.core import wire
-from capfaas.core.backend import Availability, Backend, BackendError, CVMProcess, LaunchRequest
+from capfaas.core.console import Console, console_pipes
+from capfaas.core.backend import (Availability, Backend, BackendError, CVMProcess, LaunchRequest, TemplateFailed,
+                                  TemplateProcess)
+from capfaas.core.spec import FunctionSpec
 
 from . import memory
 
@@ -23,10 +26,11 @@ class EmulatedProcess(CVMProcess):
     """A cVM forked by the template; it is not our child, so it is watched through a pidfd."""
 
     def __init__(self, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 ended: asyncio.Future[str]) -> None:
+                 ended: asyncio.Future[str], console: Console) -> None:
         self.pid = pid
         self.reader = reader
         self.writer = writer
+        self.console = console
         self._ended = ended
         try:
             self._pidfd: int | None = os.pidfd_open(pid)
@@ -43,10 +47,108 @@ class EmulatedProcess(CVMProcess):
 
     async def wait(self) -> str:
         how = await asyncio.shield(self._ended)
+        self.console.close()
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
         return how
+
+
+def spec_to_wire(spec: FunctionSpec) -> dict[str, Any]:
+    return {"name": spec.name, "bundle": str(spec.bundle), "module": spec.module, "handler": spec.handler,
+            "signature": spec.signature, "env": dict(spec.env), "secrets": dict(spec.secrets),
+            "network": spec.network, "limits": vars(spec.limits)}
+
+
+class EmulatedTemplate(TemplateProcess):
+    """A function template process; instances are forked from it on request."""
+
+    def __init__(self, backend: EmulatedBackend, sock: socket.socket, pid: int, ended: asyncio.Future[str]) -> None:
+        self.backend = backend
+        self.sock = sock
+        self.pid = pid
+        self.ended = ended
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        self._ready: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._forked: dict[int, asyncio.Future[int]] = {}
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def started(self) -> None:
+        """Wait until the function is loaded; FunctionLoadError-style reports raise TemplateFailed."""
+        try:
+            report = await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.kill()
+            raise BackendError("the function template did not become ready in time") from None
+        if report.get("op") != "ready":
+            self.kill()
+            raise TemplateFailed(report.get("error") or {})
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data = await loop.sock_recv(self.sock, 1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                how = "the template ended"
+                if not self._ready.done():
+                    self._ready.set_result({"op": "failed", "error": {"type": "TemplateDied", "message": how}})
+                for waiter in self._forked.values():
+                    if not waiter.done():
+                        waiter.set_exception(BackendError(f"the function template ended: {how}"))
+                return
+            unpacker = wire.unpacker()
+            unpacker.feed(data)
+            for report in unpacker:
+                op = report.get("op")
+                if op in ("ready", "failed") and not self._ready.done():
+                    self._ready.set_result(report)
+                elif op == "forked":
+                    waiter = self._forked.pop(report["cvm"], None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(report["pid"])
+                elif op == "exited":
+                    ended = self.backend.exit_future(report["pid"])
+                    if not ended.done():
+                        ended.set_result(report["how"])
+
+    async def fork(self, request: LaunchRequest) -> CVMProcess:
+        """Clone an instance: its region and console travel on its control socket before it is
+        even forked, so the clone finds them there at once."""
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        region = {"op": "region", "segment_size": self.backend.memory.size, "ddc": request.ddc, "pcc": request.pcc,
+                  "region": {"base": request.region.base, "size": request.region.size, "offset": request.region.offset}}
+        (out_r, out_w), (err_r, err_w) = console_pipes()
+        forked = self._forked[request.cvm_id] = loop.create_future()
+        try:
+            socket.send_fds(ours, [wire.pack(region)], [self.backend.memory.fd, out_w, err_w])
+            socket.send_fds(self.sock, [wire.pack({"op": "fork", "cvm_id": request.cvm_id})], [theirs.fileno()])
+        finally:
+            for fd in (theirs.detach(), out_w, err_w):
+                os.close(fd)
+        try:
+            pid = await asyncio.wait_for(forked, START_TIMEOUT)
+        except BaseException:
+            ours.close()
+            os.close(out_r)
+            os.close(err_r)
+            self._forked.pop(request.cvm_id, None)
+            raise
+        console = Console(out_r, err_r, request.spec.limits.output)
+        reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
+        return EmulatedProcess(pid, reader, writer, self.backend.exit_future(pid), console)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._reader.cancel()
+        self.sock.close()
 
 
 class EmulatedBackend(Backend):
@@ -69,6 +171,7 @@ class EmulatedBackend(Backend):
         self._launched: dict[int, asyncio.Future[int]] = {}
         self._exits: dict[int, asyncio.Future[str]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._template_ids = 0
         self._drain: asyncio.Task[None] | None = None
         self.stderr_tail = bytearray()
 
@@ -113,9 +216,12 @@ class EmulatedBackend(Backend):
             if not data:
                 if not ready.done():
                     ready.set_exception(BackendError("the template process exited"))
-                for waiter in [*self._launched.values(), *self._exits.values()]:
+                for waiter in self._launched.values():
                     if not waiter.done():
                         waiter.set_exception(BackendError("the template process exited"))
+                for ended in self._exits.values():
+                    if not ended.done():
+                        ended.set_result("lost: the template process exited")
                 return
             unpacker = wire.unpacker()
             unpacker.feed(data)
@@ -141,26 +247,56 @@ class EmulatedBackend(Backend):
             "op": "launch", "cvm_id": request.cvm_id, "segment_size": self.memory.size,
             "region": {"base": request.region.base, "size": request.region.size, "offset": request.region.offset},
             "ddc": request.ddc, "pcc": request.pcc,
-            "spec": {"name": spec.name, "bundle": str(spec.bundle), "module": spec.module,
-                     "handler": spec.handler, "signature": spec.signature, "env": dict(spec.env),
-                     "secrets": dict(spec.secrets), "network": spec.network,
-                     "limits": vars(spec.limits)},
+            "spec": spec_to_wire(spec),
         }
         ours, theirs = socket.socketpair()
+        (out_r, out_w), (err_r, err_w) = console_pipes()
         launched = self._launched[request.cvm_id] = loop.create_future()
         try:
-            socket.send_fds(self._sock, [wire.pack(message)], [self.memory.fd, theirs.fileno()])
+            socket.send_fds(self._sock, [wire.pack(message)], [self.memory.fd, theirs.fileno(), out_w, err_w])
+        finally:
+            theirs.close()
+            os.close(out_w)
+            os.close(err_w)
+        try:
+            pid = await asyncio.wait_for(launched, START_TIMEOUT)
+        except BaseException:
+            ours.close()
+            os.close(out_r)
+            os.close(err_r)
+            self._launched.pop(request.cvm_id, None)
+            raise
+        console = Console(out_r, err_r, request.spec.limits.output)
+        reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
+        return EmulatedProcess(pid, reader, writer, self.exit_future(pid), console)
+
+    async def launch_template(self, spec: FunctionSpec, region_size: int) -> EmulatedTemplate:
+        """Start a function template: the function imported and initialised once, ready to fork."""
+        if self._sock is None:
+            raise BackendError("the emulated backend is not started")
+        loop = asyncio.get_running_loop()
+        self._template_ids -= 1
+        key = self._template_ids
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        launched = self._launched[key] = loop.create_future()
+        try:
+            socket.send_fds(self._sock, [wire.pack({"op": "template", "cvm_id": key, "region_size": region_size,
+                                                     "spec": spec_to_wire(spec)})], [theirs.fileno()])
         finally:
             theirs.close()
         try:
             pid = await asyncio.wait_for(launched, START_TIMEOUT)
         except BaseException:
             ours.close()
-            self._launched.pop(request.cvm_id, None)
+            self._launched.pop(key, None)
             raise
-        ended = self._exits.setdefault(pid, loop.create_future())
-        reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
-        return EmulatedProcess(pid, reader, writer, ended)
+        template = EmulatedTemplate(self, ours, pid, self._exits.setdefault(pid, loop.create_future()))
+        await template.started()
+        return template
+
+    def exit_future(self, pid: int) -> asyncio.Future[str]:
+        """Resolved with how ``pid`` ended, whoever reports it (its template or the generic one)."""
+        return self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
 
     def forget(self, pid: int) -> None:
         """Drop the bookkeeping of a cVM that has ended."""

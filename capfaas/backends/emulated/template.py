@@ -8,17 +8,22 @@ template reaps its children and reports how each one ended.
 """
 from __future__ import annotations
 
+import _thread
+import gc
 import os
+import random
+import resource
 import selectors
 import signal
 import socket
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from capfaas.core import wire
 from capfaas.core.capability import Capability  # noqa: F401  (imported once, before any fork)
-from capfaas.core.runtime import Region, Runtime
+from capfaas.core.runtime import Region, Runtime, error_report, load_function, load_handler
 from capfaas.core.spec import FunctionSpec, Limits
 from capfaas.plugin_manager import make_plugin_manager
 from capfaas.plugins.libos.policy import LibOSPolicy
@@ -59,12 +64,13 @@ def _scrub_segment_descriptors(keep: set[int], memfd: int) -> None:
 
     Python's mmap keeps a private duplicate of the file it maps; with it, code in the cVM could
     ``pread`` any other cVM's memory. Replacing it (rather than closing it) keeps mmap's own
-    bookkeeping valid while leaving nothing behind that reaches the segment.
+    bookkeeping valid while leaving nothing behind that reaches the segment. Descriptors are
+    probed with fstat, not listed from /proc, since a confined process cannot see /proc.
     """
     target = os.fstat(memfd)
     devnull = os.open(os.devnull, os.O_RDWR)
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
+    highest = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1 << 16)
+    for fd in range(highest):
         if fd in keep or fd == devnull:
             continue
         try:
@@ -76,73 +82,183 @@ def _scrub_segment_descriptors(keep: set[int], memfd: int) -> None:
     os.close(devnull)
 
 
-def run_cvm(launch: dict[str, Any], memfd: int, control_fd: int, libos: Any) -> int:
-    """The body of one forked cVM; returns its exit status."""
-    spec = spec_from_wire(launch["spec"])
+def map_region(launch: dict[str, Any], memfd: int, control_fd: int) -> Region:
+    """Map this cVM's region and nothing else of the segment; leave no descriptor to the segment."""
     region = launch["region"]
     memory = TaggedMemory(region["size"], base=region["base"], fd=os.dup(memfd),
                           offset=region["offset"], segment_size=launch["segment_size"])
-    control = socket.socket(fileno=control_fd)
     _scrub_segment_descriptors({control_fd}, memfd)
     os.close(memfd)
-    ddc = launch["ddc"]
-    runtime = Runtime(control, spec, Region(memory, ddc, region["base"] + region["size"] // 2), libos)
+    return Region(memory, launch["ddc"], region["base"] + region["size"] // 2)
+
+
+def policy_for(spec: FunctionSpec, region_size: int = 0) -> LibOSPolicy:
+    """The libOS policy of a function; ``region_size`` is address space a later region mapping needs."""
     limits = spec.limits
-    policy = LibOSPolicy(
+    return LibOSPolicy(
         bundle_dir=str(spec.bundle), tmp_quota=limits.tmp, env=dict(spec.env),
         secrets=dict(spec.secrets), allow_network=spec.network,
-        memory_limit=_address_space_size() + limits.memory, cpu_seconds=limits.cpu_seconds,
-        open_files=limits.open_files, output_limit=limits.output,
+        memory_limit=_address_space_size() + region_size + limits.memory, cpu_seconds=limits.cpu_seconds,
+        open_files=limits.open_files,
     )
+
+
+def _failure(stage: str, exc: BaseException, spec: FunctionSpec) -> dict[str, Any]:
+    return {"op": "failed", "error": error_report(stage, exc, spec)}
+
+
+def attach_console(stdout_fd: int, stderr_fd: int) -> None:
+    """Make the intravisor's pipes this process's fds 1 and 2: everything printed goes there."""
+    for source, target in ((stdout_fd, 1), (stderr_fd, 2)):
+        os.dup2(source, target)
+        os.close(source)
+
+
+def run_cvm(launch: dict[str, Any], fds: list[int], libos: Any) -> int:
+    """The body of one cVM forked from the generic template; returns its exit status."""
+    memfd, control_fd, stdout_fd, stderr_fd = fds
+    attach_console(stdout_fd, stderr_fd)
+    spec = spec_from_wire(launch["spec"])
+    control = socket.socket(fileno=control_fd)
+    region = map_region(launch, memfd, control_fd)
+    runtime = Runtime(control, spec, region)
     try:
-        libos.enter(policy)
+        libos.enter(policy_for(spec))
     except Exception as exc:  # a libOS that cannot confine the cVM must not run the function
-        runtime.send({"op": "failed", "error": {"stage": "libos", "type": type(exc).__name__, "message": str(exc)}})
+        runtime.send(_failure("libos", exc, spec))
         return 71
-    if runtime.start() is None:
+    if runtime.start(load_handler) is None:
         return 3
     runtime.serve()
     return 0
 
 
-class Template:
-    """The template's loop: launch requests in, exit reports out."""
+def run_function_template(message: dict[str, Any], control_fd: int, libos: Any) -> int:
+    """A function's template: confined, its code imported and initialised once, forking instances.
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.libos = make_plugin_manager().hook.capfaas_libos()
+    ``init()`` and ``before_snapshot()`` run here, once per version; each instance forked from
+    here maps its own region, drops fork for good, reseeds, and runs ``after_restore()``.
+    """
+    spec = spec_from_wire(message["spec"])
+    control = socket.socket(fileno=control_fd)
+    control.setblocking(True)
+
+    def send(reply: dict[str, Any]) -> None:
+        control.send(wire.pack(reply))
+
+    try:
+        libos.enter(policy_for(spec, message["region_size"]), allow_fork=True)
+    except Exception as exc:
+        send(_failure("libos", exc, spec))
+        return 71
+    try:
+        module, handler = load_function(spec)
+        for hook in ("init", "before_snapshot"):
+            if callable(getattr(module, hook, None)):
+                getattr(module, hook)()
+    except BaseException as exc:  # user code at import or init time
+        send(_failure("import", exc, spec))
+        return 3
+    if _thread._count():  # a thread left by init() would not survive fork, and could watch us
+        send(_failure("init", RuntimeError("init code left threads running; a template must be single-threaded"), spec))
+        return 3
+    reaper = ChildReaper(send)
+    gc.freeze()  # what exists now is shared with every instance: keep the collector off its pages
+    send({"op": "ready", "pid": os.getpid()})
+    while True:
+        for ready in reaper.wait_readable(control):
+            if ready is not control:
+                continue
+            data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1)
+            if not data:
+                return 0
+            request = _one_message(data)
+            if request.get("op") != "fork" or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            pid = os.fork()
+            if pid == 0:
+                status = 70
+                try:
+                    reaper.forget_in_child()
+                    control.close()
+                    status = run_instance(fds[0], spec, module, handler, libos)
+                except BaseException:  # nothing may escape a forked child back into the template
+                    traceback.print_exc()  # to the backend's diagnostic tail
+                    status = 70
+                finally:
+                    os._exit(status)
+            os.close(fds[0])
+            reaper.children.add(pid)
+            send({"op": "forked", "cvm": request["cvm_id"], "pid": pid})
+
+
+def run_instance(control_fd: int, spec: FunctionSpec, module: Any, handler: Any, libos: Any) -> int:
+    """One instance forked from a function template."""
+    control = socket.socket(fileno=control_fd)
+    data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 3)
+    launch = _one_message(data)
+    if launch.get("op") != "region" or len(fds) != 3:
+        return 72
+    attach_console(fds[1], fds[2])
+    mapped: list[Region] = []
+    libos.seal(lambda: mapped.append(map_region(launch, fds[0], control_fd)))
+    region = mapped[0]
+    random.seed(os.urandom(32))  # no two instances share the template's random state
+    runtime = Runtime(control, spec, region)
+
+    def restored(_: FunctionSpec) -> Any:
+        hook = getattr(module, "after_restore", None)
+        if callable(hook):
+            hook()
+        return handler
+
+    if runtime.start(restored) is None:
+        return 3
+    runtime.serve()
+    return 0
+
+
+def _one_message(data: bytes) -> dict[str, Any]:
+    unpacker = wire.unpacker()
+    unpacker.feed(data)
+    message = next(unpacker, None)
+    return message if isinstance(message, dict) else {}
+
+
+class ChildReaper:
+    """Reaps a process's children and reports how each ended, woken by SIGCHLD."""
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
         self.children: set[int] = set()
         self.wakeup_r, self.wakeup_w = os.pipe()
         os.set_blocking(self.wakeup_w, False)
         signal.set_wakeup_fd(self.wakeup_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ)
 
-    def send(self, message: dict[str, Any]) -> None:
-        self.sock.send(wire.pack(message))
+    def wait_readable(self, *sources: Any) -> list[Any]:
+        """Block until a source is readable; reap on the way. Returns the readable sources."""
+        for source in sources:
+            if source not in self._registered():
+                self.selector.register(source, selectors.EVENT_READ)
+        ready = []
+        for key, _ in self.selector.select():
+            if key.fileobj == self.wakeup_r:
+                os.read(self.wakeup_r, 4096)
+                self.reap()
+            else:
+                ready.append(key.fileobj)
+        return ready
 
-    def launch(self, message: dict[str, Any], fds: list[int]) -> None:
-        memfd, control_fd = fds
-        pid = os.fork()
-        if pid == 0:
-            status = 70
-            try:
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                self.sock.close()
-                os.close(self.wakeup_r)
-                os.close(self.wakeup_w)
-                status = run_cvm(message, memfd, control_fd, self.libos)
-            except BaseException:  # nothing may escape a forked child back into the template
-                status = 70
-            finally:
-                os._exit(status)
-        os.close(memfd)
-        os.close(control_fd)
-        self.children.add(pid)
-        self.send({"op": "launched", "cvm": message["cvm_id"], "pid": pid})
+    def _registered(self) -> set[Any]:
+        return {key.fileobj for key in self.selector.get_map().values()}
 
     def reap(self) -> None:
-        while self.children:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -152,28 +268,75 @@ class Template:
             self.children.discard(pid)
             self.send({"op": "exited", "pid": pid, "how": _exit_description(status)})
 
+    def forget_in_child(self) -> None:
+        """In a freshly forked child: none of this is the child's."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.selector.close()
+        os.close(self.wakeup_r)
+        os.close(self.wakeup_w)
+
+
+class Template:
+    """The generic template's loop: launch requests in, exit reports out.
+
+    It is a child subreaper, so instances whose function template ended are still reaped and
+    reported here.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.libos = make_plugin_manager().hook.capfaas_libos()
+        self.reaper = ChildReaper(self.send)
+        become_subreaper()
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.send(wire.pack(message))
+
+    def fork(self, message: dict[str, Any], fds: list[int], body: Any) -> None:
+        pid = os.fork()
+        if pid == 0:
+            status = 70
+            try:
+                self.reaper.forget_in_child()
+                self.sock.close()
+                status = body()
+            except BaseException:  # nothing may escape a forked child back into the template
+                traceback.print_exc()  # to the backend's diagnostic tail
+                status = 70
+            finally:
+                os._exit(status)
+        for fd in fds:
+            os.close(fd)
+        self.reaper.children.add(pid)
+        self.send({"op": "launched", "cvm": message["cvm_id"], "pid": pid})
+
     def serve(self) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(self.sock, selectors.EVENT_READ, "request")
-        selector.register(self.wakeup_r, selectors.EVENT_READ, "signal")
         self.send({"op": "ready", "pid": os.getpid()})
         while True:
-            for key, _ in selector.select():
-                if key.data == "signal":
-                    os.read(self.wakeup_r, 4096)
-                    self.reap()
-                    continue
-                data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 2)
-                if not data:
-                    return
-                unpacker = wire.unpacker()
-                unpacker.feed(data)
-                for message in unpacker:
-                    if message.get("op") == "launch" and len(fds) == 2:
-                        self.launch(message, fds)
-                    else:
-                        for fd in fds:
-                            os.close(fd)
+            if not self.reaper.wait_readable(self.sock):
+                continue
+            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 4)
+            if not data:
+                return
+            message = _one_message(data)
+            op = message.get("op")
+            if op == "launch" and len(fds) == 4:
+                self.fork(message, fds, lambda: run_cvm(message, fds, self.libos))
+            elif op == "template" and len(fds) == 1:
+                self.fork(message, fds, lambda: run_function_template(message, fds[0], self.libos))
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+
+def become_subreaper() -> None:
+    """PR_SET_CHILD_SUBREAPER: orphaned grandchildren are reparented to us, not to init."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,266 @@
+"""Cold starts, warm hits, instance density and bursts, against what naive platforms pay.
+
+Run: ``python bench/coldstart.py`` (``--quick`` for a short run). Prints
+
+1. cold start through HTTP (function scaled to zero, its template ready) p50/p90, against spawning
+   a fresh Python process that imports the function and calls it once, measured in this run;
+2. a warm hit through HTTP, against the same request to a bare aiohttp+uvloop server that runs the
+   handler inline (the ceiling), both from a load generator in its own process;
+3. N warm instances of a no-op function at once: incremental PSS per instance
+   (``/proc/PID/smaps_rollup``), against a fresh interpreter's PSS;
+4. a burst of 200 concurrent requests at a cold function with ``max`` 4: instances started and
+   answers by status.
+
+Figures, never pass/fail.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import uvloop
+
+NOOP = "def handle(event, context):\n    return 'ok'\n"
+PASSWORD = "bench-password"
+CEILING = """
+import sys, uvloop, asyncio
+from aiohttp import web
+def handle(event, context):
+    return 'ok'
+async def route(request):
+    await request.read()
+    return web.Response(text=handle(None, None))
+app = web.Application()
+app.router.add_route('*', '/function/noop', route)
+web.run_app(app, host='127.0.0.1', port=int(sys.argv[1]), access_log=None, print=None, loop=uvloop.new_event_loop())
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url) as response:
+                    if response.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+class Gateway:
+    """A real ``capfaas serve`` process on a free port with its own state directory."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, CAPFAAS_ADMIN_PASSWORD=PASSWORD, CAPFAAS_STATE_DIR=str(workdir / "state"))
+        self.process = subprocess.Popen([sys.executable, "-m", "capfaas", "serve", "--port", str(self.port)],
+                                        env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.auth = {"Authorization": aiohttp.BasicAuth("admin", PASSWORD).encode()}
+
+    async def deploy(self, session: aiohttp.ClientSession, name: str, code: str, labels: dict[str, str]) -> None:
+        body = {"service": name, "labels": labels,
+                "code": {"files": {"handler.py": base64.b64encode(code.encode()).decode()}}}
+        async with session.post(f"{self.url}/system/functions", json=body, headers=self.auth) as response:
+            if response.status != 202:
+                raise RuntimeError(f"deploy failed: {response.status} {await response.text()}")
+
+    async def scale(self, session: aiohttp.ClientSession, name: str, replicas: int) -> None:
+        async with session.post(f"{self.url}/system/scale-function/{name}", headers=self.auth,
+                                json={"serviceName": name, "replicas": replicas}) as response:
+            assert response.status == 202
+        while True:  # scaling is asynchronous: wait until it took effect
+            async with session.get(f"{self.url}/system/function/{name}", headers=self.auth) as response:
+                if (await response.json())["replicas"] == replicas:
+                    return
+            await asyncio.sleep(0.01)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+async def cold_starts(gateway: Gateway, rounds: int) -> list[float]:
+    samples = []
+    async with aiohttp.ClientSession() as session:
+        await gateway.deploy(session, "cold", NOOP, {})
+        async with session.post(f"{gateway.url}/function/cold", data=b"") as response:
+            await response.read()  # the template is ready once one instance has started
+        for _ in range(rounds):
+            await gateway.scale(session, "cold", 0)
+            start = time.perf_counter()
+            async with session.post(f"{gateway.url}/function/cold", data=b"") as response:
+                await response.read()
+                assert response.headers["X-Cold-Start"] == "1", "the instance was not cold"
+            samples.append(time.perf_counter() - start)
+    return samples
+
+
+def fresh_process_starts(directory: Path, rounds: int) -> list[float]:
+    """What a platform without templates pays: a new interpreter imports the function and calls it."""
+    (directory / "fresh_fn.py").write_text(NOOP)
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import fresh_fn; fresh_fn.handle(None, None)"],
+                       cwd=directory, check=True)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+LOADGEN = """
+import asyncio, sys, time, aiohttp, uvloop
+async def main(url, n):
+    async with aiohttp.ClientSession() as s:
+        for _ in range(200):
+            async with s.post(url, data=b'') as r: await r.read()
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            async with s.post(url, data=b'') as r: await r.read()
+            out.append(time.perf_counter() - t)
+    print(' '.join(f'{x:.9f}' for x in out))
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def warm_latency(url: str, rounds: int) -> list[float]:
+    """Sequential keep-alive requests from a load generator in its own process."""
+    out = subprocess.run([sys.executable, "-c", LOADGEN, url, str(rounds)], capture_output=True, text=True, check=True)
+    return [float(x) for x in out.stdout.split()]
+
+
+def pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no Pss for {pid}")
+
+
+async def density(count: int) -> tuple[float, float, int]:
+    """Incremental PSS per warm no-op instance, and a fresh interpreter's PSS, in KiB."""
+    from capfaas.core.spec import FunctionSpec
+    from capfaas.gateway.server import Settings, close_gateway, open_gateway
+    from capfaas.plugins.pooling import Scaling
+
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as scratch:
+        root = Path(scratch)
+        (root / "fn.py").write_text(NOOP)
+        gateway = await open_gateway(Settings(state_dir=root, admin_password=PASSWORD), "emulated")
+        try:
+            from capfaas.core.intravisor import Invocation
+            from capfaas.plugins.pooling import make_pool
+
+            spec = FunctionSpec(name="dense", bundle=root, module="fn.py")
+            pool = make_pool(gateway.intravisor, spec, Scaling(max=count))
+            await pool.scale_to(count)
+            cvms = list(pool.instances)
+            for cvm in cvms:  # each serves once, so its pages are as a warm instance's are
+                await gateway.intravisor.invoke(cvm, Invocation())
+            per_instance = statistics.mean(pss_kib(cvm.process.pid) for cvm in cvms)
+            started = len(cvms)
+            await pool.close()
+        finally:
+            await close_gateway(gateway)
+    fresh = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    time.sleep(0.5)
+    fresh_pss = pss_kib(fresh.pid)
+    fresh.kill()
+    fresh.wait()
+    return per_instance, fresh_pss, started
+
+
+async def burst(gateway: Gateway, requests: int) -> tuple[int, dict[int, int], int]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=requests)) as session:
+        await gateway.deploy(session, "bursty", "import time\ndef handle(event, context):\n    time.sleep(0.05)\n    return 'ok'\n",
+                             {"com.openfaas.scale.max": "4"})
+        await gateway.scale(session, "bursty", 0)
+
+        async def one() -> tuple[int, str | None]:
+            async with session.post(f"{gateway.url}/function/bursty", data=b"") as response:
+                await response.read()
+                return response.status, response.headers.get("Retry-After")
+
+        results = await asyncio.gather(*(one() for _ in range(requests)))
+        async with session.get(f"{gateway.url}/system/function/bursty", headers=gateway.auth) as response:
+            status = await response.json()
+    by_status: dict[int, int] = {}
+    for code, _ in results:
+        by_status[code] = by_status.get(code, 0) + 1
+    retry_after = sum(1 for code, hint in results if code == 429 and hint)
+    return status["capfaas"]["coldStarts"], by_status, retry_after
+
+
+async def run(quick: bool, instances: int) -> None:
+    rounds = 20 if quick else 100
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as scratch:
+        workdir = Path(scratch)
+        gateway = Gateway(workdir)
+        ceiling_port = free_port()
+        ceiling = subprocess.Popen([sys.executable, "-c", CEILING, str(ceiling_port)])
+        try:
+            await wait_http(f"{gateway.url}/healthz")
+            await wait_http(f"http://127.0.0.1:{ceiling_port}/function/noop")
+            cold = await cold_starts(gateway, rounds)
+            fresh = fresh_process_starts(workdir, max(5, rounds // 4))
+            async with aiohttp.ClientSession() as session:
+                await gateway.deploy(session, "noop", NOOP, {"com.openfaas.scale.min": "1"})
+            warm = warm_latency(f"{gateway.url}/function/noop", rounds * 20)
+            bare = warm_latency(f"http://127.0.0.1:{ceiling_port}/function/noop", rounds * 20)
+            started, by_status, retry_after = await burst(gateway, 200)
+        finally:
+            gateway.stop()
+            ceiling.kill()
+    print(f"cold start through HTTP ({rounds} rounds): p50 {percentile(cold, .5) * 1e3:.2f} ms, "
+          f"p90 {percentile(cold, .9) * 1e3:.2f} ms")
+    print(f"fresh Python process importing the function: p50 {percentile(fresh, .5) * 1e3:.2f} ms")
+    print(f"  cold start is {percentile(fresh, .5) / percentile(cold, .5):.1f}x faster")
+    print(f"warm hit through the gateway: p50 {percentile(warm, .5) * 1e6:.0f} us; bare aiohttp ceiling: "
+          f"p50 {percentile(bare, .5) * 1e6:.0f} us; added {(percentile(warm, .5) - percentile(bare, .5)) * 1e6:.0f} us")
+    print(f"burst of 200 at a cold function with max 4: {started} instances started; answers {by_status}"
+          f" ({retry_after} of the 429s carry Retry-After)")
+    per_instance, fresh_pss, count = await density(instances)
+    print(f"{count} warm no-op instances: PSS {per_instance / 1024:.2f} MiB each; "
+          f"a fresh interpreter: {fresh_pss / 1024:.2f} MiB ({fresh_pss / per_instance:.1f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (for a smoke run)")
+    parser.add_argument("--instances", type=int, default=500, help="warm instances for the density figure")
+    args = parser.parse_args()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run(args.quick, args.instances))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""A cVM's console: its stdout and stderr are pipes the intravisor reads, as Intravisor's monitor
+serves a cVM's console hostcall.
+
+The cVM writes with ordinary ``print``, ``logging`` or ``os.write(1, ...)``; nothing in the cVM
+captures or buffers. The intravisor keeps the first ``limit`` bytes of each stream per invocation
+and only counts the rest, so a function that floods its output costs CPU, never memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+
+CHUNK = 64 << 10
+
+
+class Stream:
+    """One pipe's read end and what the current invocation wrote to it."""
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd = fd
+        self.limit = limit
+        self.kept = bytearray()
+        self.dropped = 0
+        self.closed = False
+        os.set_blocking(fd, False)
+
+    def read_available(self) -> None:
+        while not self.closed:
+            try:
+                chunk = os.read(self.fd, CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if not chunk:
+                return
+            room = self.limit - len(self.kept)
+            if room > 0:
+                self.kept += chunk[:room]
+            self.dropped += max(0, len(chunk) - max(room, 0))
+
+    def take(self) -> bytes:
+        """What was written since the last take, with a marker if some of it was dropped."""
+        self.read_available()
+        data = bytes(self.kept)
+        if self.dropped:
+            data += f"\n[truncated {self.dropped} bytes]\n".encode()
+        self.kept.clear()
+        self.dropped = 0
+        return data
+
+
+class Console:
+    """The stdout and stderr of one cVM, read as they arrive on the event loop."""
+
+    def __init__(self, stdout_fd: int, stderr_fd: int, limit: int) -> None:
+        self.streams = (Stream(stdout_fd, limit), Stream(stderr_fd, limit))
+        self.loop = asyncio.get_running_loop()
+        for stream in self.streams:
+            self.loop.add_reader(stream.fd, stream.read_available)
+
+    def take(self) -> tuple[bytes, bytes]:
+        stdout, stderr = self.streams
+        return stdout.take(), stderr.take()
+
+    def close(self) -> None:
+        """Keep what is already written (a crashed cVM's last words), then let go of the pipes."""
+        for stream in self.streams:
+            if stream.closed:
+                continue
+            stream.read_available()
+            self.loop.remove_reader(stream.fd)
+            os.close(stream.fd)
+            stream.closed = True
+
+
+def console_pipes() -> tuple[tuple[int, int], tuple[int, int]]:
+    """Two pipes (read end, write end) for a new cVM's stdout and stderr."""
+    return os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
