@@ -40,11 +40,11 @@ async def intravisor() -> AsyncIterator[Intravisor]:
         yield iv
 
 
-def write_function(root: Path, name: str, code: str) -> FunctionSpec:
+def write_function(root: Path, name: str, code: str, timeout: float = 5.0) -> FunctionSpec:
     bundle = root / name
     bundle.mkdir()
     (bundle / "fn.py").write_text(textwrap.dedent(code))
-    return FunctionSpec(name=name, bundle=bundle, module="fn.py", limits=Limits(timeout=5.0, output=4096))
+    return FunctionSpec(name=name, bundle=bundle, module="fn.py", limits=Limits(timeout=timeout, output=4096))
 
 
 HEALTHY = """
@@ -145,7 +145,7 @@ async def test_broken_code_is_reported_with_file_and_line(intravisor: Intravisor
 
 
 MISBEHAVIOURS = {
-    "loops-forever": ("def handle(event, context):\n    while True:\n        pass\n", 504, "timeout"),
+    "loops-forever": ("def handle(event, context):\n    while True:\n        pass\n", 504, "1 s timeout"),
     "exits": ("import os\ndef handle(event, context):\n    os._exit(7)\n", 502, "exited with status 7"),
     "segfaults": ("import os, signal\ndef handle(event, context):\n    os.kill(os.getpid(), signal.SIGSEGV)\n",
                   502, "killed by SIGSEGV"),
@@ -164,7 +164,7 @@ MISBEHAVIOURS = {
 async def test_misbehaving_function_is_contained(intravisor: Intravisor, tmp_path: Path, name: str) -> None:
     code, status, said = MISBEHAVIOURS[name]
     healthy = await intravisor.create(write_function(tmp_path, "healthy", HEALTHY))
-    bad = await intravisor.create(write_function(tmp_path, name, code))
+    bad = await intravisor.create(write_function(tmp_path, name, code, timeout=1.0))
     result = await intravisor.invoke(bad, Invocation())
     assert result.status == status, result.body
     assert said in result.error["message"]
