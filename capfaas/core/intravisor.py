@@ -147,7 +147,8 @@ class Intravisor:
         cvm = CVM(cvm_id, spec, region, ddc, pcc, process)
         self.cvms[cvm_id] = cvm
         try:
-            message = await asyncio.wait_for(cvm.receive(), START_TIMEOUT)
+            async with asyncio.timeout(START_TIMEOUT):
+                message = await cvm.receive()
         except (ChannelClosed, ProtocolViolation, asyncio.TimeoutError) as exc:
             how = await self.stop(cvm, "failed to start")
             reason = "did not become ready in time" if isinstance(exc, asyncio.TimeoutError) else how

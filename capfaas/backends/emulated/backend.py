@@ -131,7 +131,8 @@ class EmulatedTemplate(TemplateProcess):
             for fd in (theirs.detach(), out_w, err_w):
                 os.close(fd)
         try:
-            pid = await asyncio.wait_for(forked, START_TIMEOUT)
+            async with asyncio.timeout(START_TIMEOUT):
+                pid = await forked
         except BaseException:
             ours.close()
             os.close(out_r)
