@@ -4,32 +4,38 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import json
+import math
+import random
+import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pluggy
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from capfaas import __version__
 from capfaas.core.capability import Capability
-from capfaas.core.intravisor import FunctionLoadError, Intravisor, Invocation, Result
+from capfaas.core.intravisor import CVMStartError, FunctionLoadError, Intravisor, Invocation, Result
 from capfaas.core.runtime import INLINE_LIMIT
 from capfaas.core.spec import SpecError, check_name
 from capfaas.credentials import check_basic_auth
 from capfaas.plugins.pooling import PoolBusy
-from capfaas.registry import AlreadyExists, BundleTooLarge, DeploymentRecord, InvalidInput, NotFound, Registry, RegistryError
+from capfaas.registry import (AlreadyExists, BundleTooLarge, DeploymentRecord, InvalidInput, NotFound, Registry,
+                              RegistryError, parse_limits)
 
-from .async_calls import AsyncCalls
+from .async_calls import AsyncCalls, header_text
 from .logs import LogStore
 from .metrics import Metrics, gateway_metrics
 from .openapi import openapi_document
 from .service import FunctionService
 
 MiB = 1 << 20
+MAX_LIMIT = (1 << 63) - 1
 
 
 @dataclass
@@ -41,7 +47,11 @@ class Settings:
     max_body: int = 256 * MiB
     max_bundle: int = 16 * MiB
     body_timeout: float = 60.0
-    """Seconds a client may take to send a request body before the gateway gives up (408)."""
+    """Seconds a client may take to send a request body before the gateway gives up (408), and to
+    read each 4 MiB of a response before the gateway drops the connection."""
+    keepalive_timeout: float = 15.0
+    """Seconds an idle keep-alive connection stays open, and that a new connection has to send its
+    first request's headers (aiohttp's own default is an hour: a slow-headers client's delight)."""
     queue: int = 64
     async_queue: int = 1024
     async_workers: int = 8
@@ -147,10 +157,15 @@ async def _json_body(request: web.Request, limit: int) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
                                             text=f"request body larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw),
-                                            text=f"request body larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():  # read(n) returns what has arrived, not n bytes
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size,
+                                                text=f"request body larger than {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except ValueError as exc:
@@ -182,10 +197,15 @@ def parse_deployment(body: Any) -> tuple[DeploymentRecord, dict[str, bytes]]:
             raise InvalidInput(f"the content of {path!r} is not valid base64") from None
     known = {"service", "code", "envVars", "secrets", "labels", "annotations", "limits"}
     extra = {k: v for k, v in body.items() if k not in known}
+    if not isinstance(body.get("limits") or {}, dict):
+        raise InvalidInput("'limits' must be an object such as {\"memory\": \"128Mi\"}")
+    if not isinstance(body.get("secrets") or [], list):
+        raise InvalidInput("'secrets' must be a list of secret names")
     limits = dict(body.get("limits") or {})
     for key in ("timeout", "cpu_seconds", "open_files", "output", "tmp"):
         if key in code:
             limits[key] = code[key]
+    _check_limit_range(limits)
     record = DeploymentRecord(
         name=service, module=code.get("module", "handler.py"), handler=code.get("handler", "handle"),
         signature=code.get("signature", "native"), env=body.get("envVars") or {},
@@ -193,6 +213,29 @@ def parse_deployment(body: Any) -> tuple[DeploymentRecord, dict[str, bytes]]:
         annotations=body.get("annotations") or {}, limits=limits,
         network=code.get("network", False), extra=extra)
     return record, files
+
+
+def _check_limit_range(limits: dict[str, Any]) -> None:
+    """Refuse limits too large for the control channel and rlimits (64-bit) before a cVM sees them."""
+    try:
+        parsed = dataclasses.asdict(parse_limits(limits))
+    except (SpecError, TypeError, ValueError, ArithmeticError) as exc:
+        raise InvalidInput(str(exc)) from None
+    for key, value in parsed.items():
+        if not math.isfinite(value) or value > MAX_LIMIT:
+            raise InvalidInput(f"limit {key} {limits.get(key, value)!r} is too large (at most {MAX_LIMIT})")
+
+
+def _load_error(exc: FunctionLoadError) -> dict[str, Any]:
+    """The 400 body for code that does not load: what (type, message) and where (file, line)."""
+    error = dict(exc.error)
+    kind = str(error.get("type", "Error"))
+    message = str(error.get("message", ""))
+    where = f" ({error['file']}, line {error.get('line')})" if "file" in error else ""
+    if where.strip() in message:  # SyntaxError's own text already says where
+        where = ""
+    return {"error": "the function cannot be loaded", **error,
+            "message": f"{message if message.startswith(kind + ':') else f'{kind}: {message}'}{where}"}
 
 
 async def deploy_function(request: web.Request) -> web.Response:
@@ -203,8 +246,9 @@ async def deploy_function(request: web.Request) -> web.Response:
         info = await gateway.service.deploy(record, files, replace=replace,
                                             max_bundle_bytes=gateway.settings.max_bundle)
     except FunctionLoadError as exc:
-        return web.json_response({"error": "the function cannot be loaded", **exc.error,
-                                  "message": str(exc)}, status=400)
+        return web.json_response(_load_error(exc), status=400)
+    except CVMStartError as exc:
+        return _text(400, f"the function's first instance could not start: {exc}")
     except NotFound as exc:
         return _text(404, str(exc))
     except AlreadyExists as exc:
@@ -237,8 +281,17 @@ async def scale_function(request: web.Request) -> web.Response:
     replicas = body.get("replicas") if isinstance(body, dict) else None
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         return _text(400, "the body must be {\"serviceName\": NAME, \"replicas\": N} with N >= 0")
-    asyncio.ensure_future(gateway.service.scale(name, replicas))
+    task = asyncio.ensure_future(_scale(gateway, name, replicas))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
     return _text(202, f"scaling {name!r} to {replicas} warm replicas")
+
+
+async def _scale(gateway: Gateway, name: str, replicas: int) -> None:
+    try:
+        await gateway.service.scale(name, replicas)
+    except Exception as exc:  # the request was answered 202 already: log it, as OpenFaaS does
+        gateway.logs.add(name, "gateway", f"scaling to {replicas} replicas failed: {exc}".encode())
 
 
 async def secrets(request: web.Request) -> web.Response:
@@ -287,6 +340,8 @@ async def system_logs(request: web.Request) -> web.StreamResponse:
             await response.write((json.dumps(line.as_openfaas()) + "\n").encode())
         while queue is not None:
             line = await queue.get()
+            if line is None:  # the gateway is shutting down
+                break
             await response.write((json.dumps(line.as_openfaas()) + "\n").encode())
     finally:
         if queue is not None:
@@ -315,98 +370,214 @@ async def openapi(request: web.Request) -> web.Response:
 
 # -- invocations --------------------------------------------------------------------------------
 
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+                         "upgrade", "content-length"})
+"""Headers a function may not set: they describe the connection, which is the gateway's."""
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_SLICE = 4 * MiB
+"""A response is written in slices of this size, each of which must drain within ``body_timeout``."""
+_background: set[asyncio.Future[Any]] = set()
+_random = random.Random()
+
+
+def _new_call_id() -> str:
+    """A random UUID (version 4) for X-Call-Id, without uuid4()'s system call per request."""
+    digits = f"{_random.getrandbits(128):032x}"
+    return (f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{'89ab'[int(digits[16], 16) & 3]}{digits[17:20]}"
+            f"-{digits[20:32]}")
+
+
 def _invocation_headers(request: web.Request) -> dict[str, str]:
-    return {k: v for k, v in request.headers.items() if k.lower() not in ("authorization", "host", "connection")}
+    return {k: header_text(v) for k, v in request.headers.items()
+            if k.lower() not in ("authorization", "host", "connection")}
 
 
-async def _read_body(request: web.Request, gateway: Gateway, cvm: Any) -> tuple[Any, int | None]:
-    """The request body: small ones as bytes, large ones written once into the cVM's memory."""
+def _function_headers(headers: dict[str, str]) -> dict[str, str] | None:
+    """The function's response headers without hop-by-hop ones; None when one cannot be sent."""
+    out = {}
+    for key, value in headers.items():
+        if not _TOKEN.fullmatch(key) or _CONTROL.search(value):
+            return None
+        if key.lower() not in _HOP_BY_HOP:
+            out[key] = value
+    return out
+
+
+def _json_error(status: int, title: str, kind: str, message: str, call_id: str) -> web.Response:
+    return web.json_response({"error": title, "type": kind, "message": message, "call_id": call_id},
+                             status=status, headers={"X-Call-Id": call_id, "X-Served-By": "capfaas"})
+
+
+async def _read_prefix(request: web.Request, limit: int) -> tuple[bytes, bool]:
+    """Up to about ``limit`` bytes of the body, and whether that is all of it.
+
+    Read before an instance is taken, so a client slow to send a small body holds no instance.
+    """
     length = request.content_length
-    limit = gateway.settings.max_body
-    if length is not None and length <= INLINE_LIMIT:
-        return await request.content.readexactly(length) if length else b"", None
-    area = cvm.receive_area[1]
-    capacity = min(limit, area) if length is None else length
-    cap, view = gateway.intravisor.receive_buffer(cvm, capacity)
-    filled = 0
-    while True:
+    if length is not None:
+        if length <= limit:
+            return (await request.content.readexactly(length) if length else b""), True
+        return b"", False  # large: straight into the cVM's memory once it has one
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
         chunk = await request.content.readany()
         if not chunk:
-            break
-        if filled + len(chunk) > capacity:
-            raise web.HTTPRequestEntityTooLarge(max_size=capacity, actual_size=filled + len(chunk),
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks), False
+
+
+async def _read_rest(request: web.Request, gateway: Gateway, cvm: Any, prefix: bytes) -> tuple[Capability, int]:
+    """A large body, written once into the cVM's memory as it arrives (after ``prefix``)."""
+    length = request.content_length
+    area = cvm.receive_area[1]
+    capacity = min(gateway.settings.max_body, area) if length is None else length
+    if capacity > area:
+        raise web.HTTPRequestEntityTooLarge(max_size=area, actual_size=capacity,
+                                            text=f"request body larger than the {area}-byte receive area")
+    cap, view = gateway.intravisor.receive_buffer(cvm, capacity)
+    try:
+        filled = len(prefix)
+        if filled > capacity:
+            raise web.HTTPRequestEntityTooLarge(max_size=capacity, actual_size=filled,
                                                 text=f"request body larger than {capacity} bytes")
-        view[filled:filled + len(chunk)] = chunk
-        filled += len(chunk)
-    view.release()
-    if length is None and filled <= INLINE_LIMIT:
-        return bytes(gateway.intravisor.memory.view(cap, cap.address, filled)), None
+        view[:filled] = prefix
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            if filled + len(chunk) > capacity:
+                raise web.HTTPRequestEntityTooLarge(max_size=capacity, actual_size=filled + len(chunk),
+                                                    text=f"request body larger than {capacity} bytes")
+            view[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+    finally:
+        view.release()
     if filled != capacity:
         cap = cap.set_bounds(filled)
     return cap, filled
 
 
+def _retire(gateway: Gateway, pool: Any, cvm: Any, reason: str) -> None:
+    """Stop an instance whose invocation was abandoned half-way (its reply would come to the next
+    caller), then give it back to its pool, which replaces it on demand."""
+    task = asyncio.ensure_future(gateway.intravisor.stop(cvm, reason))
+    _background.add(task)
+
+    def done(finished: asyncio.Future[Any]) -> None:
+        _background.discard(finished)
+        pool.release(cvm)
+
+    task.add_done_callback(done)
+
+
 async def invoke_function(request: web.Request) -> web.StreamResponse:
     gateway = _gateway(request)
     name = request.match_info["name"]
-    call_id = request.headers.get("X-Call-Id") or str(uuid.uuid4())
+    call_id = header_text(request.headers.get("X-Call-Id") or "") or _new_call_id()
     start_time = time.time()
-    deployed = gateway.service.get(name)
-    if deployed is None:
+    if gateway.service.get(name) is None:
         return _text(404, f"function {name!r} not found")
     if request.content_length is not None and request.content_length > gateway.settings.max_body:
         return _text(413, f"request body of {request.content_length} bytes is larger than the "
                           f"{gateway.settings.max_body}-byte maximum")
-    result, cold, cvm, pool = await _run(request, gateway, deployed, call_id)
-    if isinstance(result, web.StreamResponse):
-        return result
+    try:
+        if request.content.is_eof() and (request.content_length or 0) <= INLINE_LIMIT:
+            prefix, complete = await _read_prefix(request, INLINE_LIMIT)  # all here already: no wait
+        else:
+            async with asyncio.timeout(gateway.settings.body_timeout):
+                prefix, complete = await _read_prefix(request, INLINE_LIMIT)
+    except TimeoutError:
+        return _text(408, f"the request body did not arrive within {gateway.settings.body_timeout:g} s")
+    except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError):
+        return _text(400, "the client closed the connection before sending the whole body")
+    outcome = await _run(request, gateway, name, call_id, prefix, complete)
+    if isinstance(outcome, web.StreamResponse):
+        return outcome
+    deployed, result, cold, cvm = outcome
     try:
         return await _respond(request, gateway, deployed, result, call_id, start_time, cold)
     finally:
-        if cvm is not None:
-            pool.release(cvm)
+        deployed.pool.release(cvm)
 
 
-async def _run(request: web.Request, gateway: Gateway, deployed: Any, call_id: str) -> tuple[Any, bool, Any, Any]:
-    pool = deployed.pool
-    name = deployed.spec.name
+async def _acquire(gateway: Gateway, name: str) -> tuple[Any, Any, bool] | web.Response:
+    """The current version of ``name`` and an instance of it; a response when there is none."""
+    while True:
+        deployed = gateway.service.get(name)
+        if deployed is None:
+            return _text(404, f"function {name!r} not found")
+        pool = deployed.pool
+        try:
+            cvm, cold = await pool.acquire()
+            return deployed, cvm, cold
+        except PoolBusy as exc:
+            return _text(429, str(exc), **{"Retry-After": str(exc.retry_after)})
+        except FunctionLoadError as exc:
+            return _text(502, f"function {name!r} failed to start: {exc}")
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if pool.closed and task is not None and not task.cancelling():
+                continue  # a new version replaced the one this request queued for: queue there
+            raise
+        except Exception as exc:
+            return _text(502, f"function {name!r} could not start an instance: {exc}")
+
+
+async def _run(request: web.Request, gateway: Gateway, name: str, call_id: str, prefix: bytes,
+               complete: bool) -> tuple[Any, Result, bool, Any] | web.StreamResponse:
     started = time.monotonic()
-    try:
-        cvm, cold = await pool.acquire()
-    except PoolBusy as exc:
-        return _text(429, str(exc), **{"Retry-After": str(exc.retry_after)}), False, None, pool
-    except FunctionLoadError as exc:
-        return _text(502, f"function {name!r} failed to start: {exc}"), False, None, pool
-    except Exception as exc:
-        return _text(502, f"function {name!r} could not start an instance: {exc}"), False, None, pool
+    acquired = await _acquire(gateway, name)
+    if isinstance(acquired, web.StreamResponse):
+        return acquired
+    deployed, cvm, cold = acquired
+    pool = deployed.pool
     if cold:
         gateway.metrics.inc("capfaas_cold_starts_total", function_name=name)
         gateway.metrics.observe("capfaas_start_seconds", time.monotonic() - started, function_name=name)
+    body: Any = prefix
+    length: int | None = None
     try:
-        body, length = await asyncio.wait_for(_read_body(request, gateway, cvm), gateway.settings.body_timeout)
-    except asyncio.TimeoutError:
+        if not complete:
+            async with asyncio.timeout(gateway.settings.body_timeout):
+                body, length = await _read_rest(request, gateway, cvm, prefix)
+    except TimeoutError:
         pool.release(cvm)
-        return _text(408, f"the request body did not arrive within {gateway.settings.body_timeout:g} s"), cold, None, pool
+        return _text(408, f"the request body did not arrive within {gateway.settings.body_timeout:g} s")
     except web.HTTPException as exc:
         pool.release(cvm)
-        return _text(exc.status, exc.text or exc.reason), cold, None, pool
-    except (ConnectionError, asyncio.IncompleteReadError):
+        return _text(exc.status, exc.text or exc.reason)
+    except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError):
         pool.release(cvm)
-        return _text(400, "the client closed the connection before sending the whole body"), cold, None, pool
+        return _text(400, "the client closed the connection before sending the whole body")
+    except BaseException:
+        pool.release(cvm)
+        raise
     gateway.metrics.inc("gateway_function_invocation_started", function_name=name)
     gateway.metrics.inc("capfaas_payload_bytes_total", length or len(body), function_name=name, direction="in")
     deployed.invocations += 1
     invocation = Invocation(method=request.method, path="/" + request.match_info.get("path", ""),
-                            query=dict(request.query), headers=_invocation_headers(request),
+                            query=dict(request.query) if request.query_string else {},
+                            headers=_invocation_headers(request),
                             body=body, length=length, id=call_id)
     gateway.in_flight += 1
     try:
         result = await gateway.intravisor.invoke(cvm, invocation)
+    except asyncio.CancelledError:
+        _retire(gateway, pool, cvm, "the client went away during the invocation")
+        raise
+    except Exception as exc:
+        _retire(gateway, pool, cvm, "the invocation failed")
+        return _json_error(502, "the function's instance failed", type(exc).__name__,
+                           f"function {name!r} could not be invoked: {exc}", call_id)
     finally:
         gateway.in_flight -= 1
         if gateway.in_flight == 0:
             gateway.drained.set()
-    return result, cold, cvm, pool
+    return deployed, result, cold, cvm
 
 
 def _error_body(result: Result, call_id: str) -> bytes:
@@ -427,23 +598,51 @@ async def _respond(request: web.Request, gateway: Gateway, deployed: Any, result
     gateway.logs.add(name, call_id, result.stdout + result.stderr)
     if result.outcome == "fault":
         gateway.metrics.inc("capfaas_capability_faults_total", function_name=name)
-    headers = dict(result.headers)
+    status = result.status
     body: Any = result.body
+    headers = _function_headers(result.headers) if result.outcome == "ok" else None
     if result.outcome != "ok":
         body = _error_body(result, call_id)
+        headers = {"Content-Type": "application/json"}
+    elif headers is None or status < 200:
+        problem = ("InvalidHeader", f"returned a header that is not valid HTTP: {sorted(result.headers)!r}") \
+            if headers is None else ("InvalidStatus", f"returned the informational status {status} as its answer")
+        status = 502
+        body = json.dumps({"error": "the function's response cannot be sent", "type": problem[0],
+                           "message": f"function {name!r} {problem[1]}", "call_id": call_id}).encode()
         headers = {"Content-Type": "application/json"}
     headers.update({"X-Call-Id": call_id, "X-Start-Time": str(int(start_time * 1e9)),
                     "X-Duration-Seconds": f"{result.duration:.6f}", "X-Served-By": "capfaas",
                     "X-Cold-Start": "1" if cold else "0"})
-    status = str(result.status)
-    gateway.metrics.inc("gateway_function_invocation_total", function_name=name, code=status)
-    gateway.metrics.observe("gateway_functions_seconds", result.duration, function_name=name, code=status)
+    code = str(status)
+    gateway.metrics.inc("gateway_function_invocation_total", function_name=name, code=code)
+    gateway.metrics.observe("gateway_functions_seconds", result.duration, function_name=name, code=code)
     gateway.metrics.inc("capfaas_payload_bytes_total", len(body), function_name=name, direction="out")
-    response = web.StreamResponse(status=result.status, headers=headers)
+    if isinstance(body, bytes):  # the gateway's own copy (small results come inline): aiohttp sends it
+        return web.Response(status=status, headers=headers, body=body)
+    # a view of the cVM's memory: written before the instance is given back (the caller's finally)
+    response = web.StreamResponse(status=status, headers=headers)
     response.content_length = len(body)
     await response.prepare(request)
-    await response.write(body)  # straight from shared memory when the result came as a capability
-    await response.write_eof()
+    if request.method == "HEAD" or status in (204, 304):  # no body may follow these
+        await response.write_eof()
+        return response
+    if len(body) <= 1 << 16:  # fits the transport's buffer: the write cannot stall
+        await response.write(body)  # straight from shared memory when the result came as a capability
+        await response.write_eof()
+        return response
+    view = memoryview(body)
+    try:
+        for offset in range(0, len(view), _SLICE):  # a reader that stalls must not hold the instance
+            async with asyncio.timeout(gateway.settings.body_timeout):
+                await response.write(view[offset:offset + _SLICE])
+        async with asyncio.timeout(gateway.settings.body_timeout):
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+    finally:
+        view.release()
     return response
 
 
@@ -460,8 +659,14 @@ async def invoke_async(request: web.Request) -> web.Response:
 
 def create_app(gateway: Gateway) -> web.Application:
     app = web.Application(middlewares=[require_auth], client_max_size=2 * gateway.settings.max_bundle,
-                          handler_args={"max_field_size": 16 << 10, "max_line_size": 16 << 10})
+                          handler_args={"max_field_size": 16 << 10, "max_line_size": 16 << 10,
+                                        "keepalive_timeout": gateway.settings.keepalive_timeout})
     app[STATE] = gateway
+
+    async def end_log_followers(app: web.Application) -> None:
+        gateway.logs.close()
+
+    app.on_shutdown.append(end_log_followers)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)

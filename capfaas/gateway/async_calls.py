@@ -21,6 +21,18 @@ CALLBACK_ATTEMPTS = 4
 CALLBACK_TIMEOUT = 10.0
 
 
+def header_text(value: str) -> str:
+    """A header value as text that can be sent on: bytes that are not UTF-8 (kept by aiohttp as
+    surrogates, which neither the control channel nor a response can carry) read as Latin-1."""
+    if value.isascii():
+        return value
+    try:
+        value.encode()
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
 @dataclass
 class Queued:
     call_id: str
@@ -36,8 +48,10 @@ class Queued:
 class AsyncCalls:
     """The queue and the workers that drain it."""
 
-    def __init__(self, invoke: Any, size: int, workers: int, backoff: float = 0.5) -> None:
+    def __init__(self, invoke: Any, size: int, workers: int, backoff: float = 0.5,
+                 max_body: int = 256 << 20) -> None:
         self.invoke = invoke
+        self.max_body = max_body
         """``await invoke(queued) -> (status, headers, body, duration)``."""
         self.queue: asyncio.Queue[Queued] = asyncio.Queue(maxsize=size)
         self.backoff = backoff
@@ -45,21 +59,31 @@ class AsyncCalls:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT))
 
     async def accept(self, request: web.Request, name: str) -> web.Response:
-        call_id = request.headers.get("X-Call-Id") or str(uuid.uuid4())
+        call_id = header_text(request.headers.get("X-Call-Id") or "") or str(uuid.uuid4())
         callback = request.headers.get("X-Callback-Url")
         url = None
         if callback:
             url = URL(callback)
             if url.scheme not in ("http", "https") or not url.host:
                 return web.Response(status=400, text=f"X-Callback-Url must be an http(s) URL, got {callback!r}\n")
-        body = await request.read()
+        if request.content_length is not None and request.content_length > self.max_body:
+            return web.Response(status=413, text=f"request body larger than {self.max_body} bytes\n")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.readany():  # not request.read(): client_max_size is for deploys
+            size += len(chunk)
+            if size > self.max_body:
+                return web.Response(status=413, text=f"request body larger than {self.max_body} bytes\n")
+            chunks.append(chunk)
+        headers = {k: header_text(v) for k, v in request.headers.items()
+                   if k.lower() not in ("authorization", "host", "connection")}
         queued = Queued(call_id, name, request.method, "/" + request.match_info.get("path", ""),
-                        dict(request.query), dict(request.headers), body, url)
+                        dict(request.query), headers, b"".join(chunks), url)
         try:
             self.queue.put_nowait(queued)
         except asyncio.QueueFull:
             return web.Response(status=429, text="the asynchronous queue is full\n", headers={"Retry-After": "1"})
-        return web.Response(status=202, headers={"X-Call-Id": call_id})
+        return web.Response(status=202, headers={"X-Call-Id": call_id, "X-Served-By": "capfaas"})
 
     async def _work(self) -> None:
         while True:

@@ -26,7 +26,7 @@ class LogStore:
     def __init__(self, per_function: int = 10_000) -> None:
         self.lines: dict[str, collections.deque[LogLine]] = collections.defaultdict(
             lambda: collections.deque(maxlen=per_function))
-        self.followers: dict[str, set[asyncio.Queue[LogLine]]] = collections.defaultdict(set)
+        self.followers: dict[str, set[asyncio.Queue[LogLine | None]]] = collections.defaultdict(set)
 
     def add(self, name: str, instance: str, output: bytes) -> None:
         now = time.time()
@@ -39,12 +39,21 @@ class LogStore:
 
     def tail(self, name: str, count: int | None, since: float | None) -> list[LogLine]:
         lines = [line for line in self.lines.get(name, ()) if since is None or line.timestamp >= since]
-        return lines[-count:] if count is not None else lines
+        if count is None:
+            return lines
+        return lines[-count:] if count > 0 else []  # lines[-0:] would be all of them
 
-    def follow(self, name: str) -> asyncio.Queue[LogLine]:
-        queue: asyncio.Queue[LogLine] = asyncio.Queue()
+    def follow(self, name: str) -> asyncio.Queue[LogLine | None]:
+        """A queue of ``name``'s new lines; ``None`` in it means the store is closing."""
+        queue: asyncio.Queue[LogLine | None] = asyncio.Queue()
         self.followers[name].add(queue)
         return queue
 
-    def unfollow(self, name: str, queue: asyncio.Queue[LogLine]) -> None:
+    def unfollow(self, name: str, queue: asyncio.Queue[LogLine | None]) -> None:
         self.followers[name].discard(queue)
+
+    def close(self) -> None:
+        """End every follow (at shutdown, so a ``logs --follow`` does not hold the drain up)."""
+        for queues in self.followers.values():
+            for queue in queues:
+                queue.put_nowait(None)

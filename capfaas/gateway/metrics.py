@@ -9,10 +9,15 @@ Labels = tuple[tuple[str, str], ...]
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+def _escape(value: str) -> str:
+    """A label value as Prometheus's text format writes it (backslash, quote and newline escaped)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _labels(labels: Labels) -> str:
     if not labels:
         return ""
-    escaped = (f'{k}="{v}"'.replace("\\", "\\\\").replace("\n", "\\n") for k, v in labels)
+    escaped = (f'{k}="{_escape(v)}"' for k, v in labels)
     return "{" + ",".join(escaped) + "}"
 
 
@@ -64,6 +69,9 @@ class Metrics:
                     lines.append(f"{name}_bucket{_labels((*key, ('le', le)))} {running:g}")
                 lines.append(f"{name}_sum{_labels(key)} {counts[-1]:g}")
                 lines.append(f"{name}_count{_labels(key)} {running:g}")
+        shown = {*self.counters, *self.gauges, *self.histograms}
+        for name in sorted(set(self.help) - shown):  # described but not yet seen: the name is still there
+            header(name)
         return "\n".join(lines) + "\n"
 
 

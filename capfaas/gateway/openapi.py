@@ -25,25 +25,38 @@ def _system(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, 
 
 
 def _invoke(summary: str, asynchronous: bool) -> dict[str, Any]:
-    responses = ({"202": _response("Accepted; X-Call-Id names the call"),
-                  "400": _response("Malformed X-Callback-Url", TEXT),
-                  "429": _response("The asynchronous queue is full", TEXT)}
-                 if asynchronous else
-                 {"200": _response("The function's response (any status it chose)"),
-                  "408": _response("The body did not arrive in time", TEXT),
-                  "413": _response("Body larger than the gateway's maximum", TEXT),
-                  "429": _response("Concurrency limit and queue full; see Retry-After", TEXT),
-                  "500": _response("The handler raised", _json("InvocationError")),
-                  "502": _response("The instance crashed or broke a capability rule", _json("InvocationError")),
-                  "504": _response("The function ran out of time", _json("InvocationError"))})
+    if asynchronous:
+        responses = {"202": _response("Accepted; X-Call-Id names the call"),
+                     "400": _response("Malformed X-Callback-Url", TEXT),
+                     "404": _response("No such function", TEXT),
+                     "413": _response("Body larger than the gateway's maximum", TEXT),
+                     "429": _response("The asynchronous queue is full; see Retry-After", TEXT)}
+    else:
+        # A function may answer with any status and content type, so these name what the gateway
+        # itself says with each status but do not restrict the content.
+        failure = " (the gateway's is a JSON InvocationError: error, type, message, call_id, file, line)"
+        responses = {"200": _response("The function's response"),
+                     "default": _response("The function's response, with any status it chose"),
+                     "400": _response("The client closed the connection before sending the whole body (text)"),
+                     "404": _response("No such function (text), or the function's own 404"),
+                     "408": _response("The body did not arrive within the body timeout (text)"),
+                     "413": _response("Body larger than the gateway's maximum (text)"),
+                     "429": _response("Concurrency limit and queue full; see Retry-After (text)"),
+                     "500": _response("The handler raised" + failure),
+                     "502": _response("The instance crashed, broke a capability rule or sent an invalid header" + failure),
+                     "504": _response("The function ran out of time; the message says which limit" + failure)}
     return {"summary": summary, "tags": ["function"],
             "requestBody": {"required": False, "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
-            "responses": {**responses, "404": _response("No such function", TEXT)}}
+            "responses": responses}
 
 
 def _path_params(*names: str) -> list[dict[str, Any]]:
-    return [{"name": n, "in": "path", "required": True,
+    return [{"name": n, "in": "path", "required": True, "example": "echo" if n == "name" else "extra/path",
              "schema": NAME if n == "name" else {"type": "string"}} for n in names]
+
+
+EXAMPLE_CODE = "ZGVmIGhhbmRsZShldmVudCwgY29udGV4dCk6CiAgICByZXR1cm4gImhlbGxvXG4iCg=="
+"""``def handle(event, context): return "hello\\n"``, base64-encoded."""
 
 
 @cache
@@ -125,7 +138,9 @@ def _schemas() -> dict[str, Any]:
     return {
         "GatewayInfo": {"type": "object", "properties": {
             "provider": {"type": "object"}, "version": {"type": "object"}, "arch": {"type": "string"}}},
-        "FunctionDeployment": {"type": "object", "required": ["service", "code"], "properties": {
+        "FunctionDeployment": {"type": "object", "required": ["service", "code"], "example": {
+            "service": "example", "code": {"files": {"handler.py": EXAMPLE_CODE}, "module": "handler.py"},
+            "labels": {"com.openfaas.scale.max": "2"}, "envVars": {"GREETING": "hello"}}, "properties": {
             "service": NAME, "image": {"type": "string"}, "namespace": {"type": "string"},
             "envProcess": {"type": "string"}, "envVars": STRING_MAP, "constraints": {"type": "array", "items": {"type": "string"}},
             "secrets": {"type": "array", "items": NAME}, "labels": STRING_MAP, "annotations": STRING_MAP,
@@ -141,11 +156,13 @@ def _schemas() -> dict[str, Any]:
             "replicas": {"type": "number"}, "availableReplicas": {"type": "number"},
             "createdAt": {"type": "string"}, "labels": STRING_MAP, "annotations": STRING_MAP,
             "envVars": STRING_MAP, "secrets": {"type": "array", "items": {"type": "string"}}}},
-        "DeleteFunctionRequest": {"type": "object", "required": ["functionName"], "properties": {"functionName": NAME}},
-        "ScaleServiceRequest": {"type": "object", "required": ["serviceName", "replicas"], "properties": {
+        "DeleteFunctionRequest": {"type": "object", "required": ["functionName"], "properties": {"functionName": NAME},
+                                  "example": {"functionName": "example"}},
+        "ScaleServiceRequest": {"type": "object", "required": ["serviceName", "replicas"],
+                                "example": {"serviceName": "echo", "replicas": 1}, "properties": {
             "serviceName": NAME, "replicas": {"type": "integer", "minimum": 0}}},
         "SecretName": {"type": "object", "required": ["name"], "properties": {"name": NAME}},
-        "Secret": {"type": "object", "required": ["name"], "properties": {
+        "Secret": {"type": "object", "required": ["name"], "example": {"name": "api-key", "value": "s3cret"}, "properties": {
             "name": NAME, "value": {"type": "string"}, "rawValue": {"type": "string", "format": "byte"}}},
         "LogEntry": {"type": "object", "properties": {k: {"type": "string"} for k in
                                                       ("name", "namespace", "instance", "timestamp", "text")}},

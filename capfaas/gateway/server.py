@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from collections.abc import Iterable
@@ -62,9 +63,14 @@ async def _invoke_queued(gateway: Gateway, queued: Queued) -> tuple[int, dict[st
         result = await gateway.intravisor.invoke(cvm, Invocation(
             method=queued.method, path=queued.path, query=queued.query, headers=queued.headers,
             body=queued.body, id=queued.call_id))
-    except BaseException:  # cancelled at shutdown, or the instance failed: it cannot be reused
+    except asyncio.CancelledError:  # cancelled at shutdown: the instance is mid-call and cannot be reused
         _retire(gateway, deployed.pool, cvm, "asynchronous invocation abandoned")
         raise
+    except Exception as exc:
+        _retire(gateway, deployed.pool, cvm, "asynchronous invocation failed")
+        failure = {"error": "the function's instance failed", "type": type(exc).__name__,
+                   "message": f"function {queued.name!r} could not be invoked: {exc}", "call_id": queued.call_id}
+        return 502, {"Content-Type": "application/json"}, json.dumps(failure).encode(), 0.0
     try:
         gateway.logs.add(queued.name, queued.call_id, result.stdout + result.stderr)
         gateway.metrics.inc("gateway_function_invocation_total", function_name=queued.name, code=str(result.status))

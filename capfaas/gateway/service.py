@@ -6,6 +6,7 @@ then made current; the previous version's pool keeps serving the invocations it 
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import time
 import tempfile
@@ -27,6 +28,7 @@ SCALE_ZERO = "com.openfaas.scale.zero"
 SCALE_ZERO_DURATION = "com.openfaas.scale.zero-duration"
 REAP_INTERVAL = 1.0
 DEFAULT_MAX = 4
+log = logging.getLogger("capfaas.gateway")
 
 
 @dataclass
@@ -106,7 +108,10 @@ class FunctionService:
     async def restore(self) -> None:
         """Serve every function the registry holds, as it was before a restart or crash."""
         for info in self.registry.list():
-            await self._activate(info)
+            try:
+                await self._activate(info)
+            except Exception as exc:  # one function that cannot come back (a deleted secret) must not stop the rest
+                log.error("function %s (version %d) is not served: %s", info.name, info.version, exc)
 
     def _spec(self, info: VersionInfo, bundle: Path) -> FunctionSpec:
         secrets = self.registry.secret_values(info.record.secrets)
@@ -159,6 +164,7 @@ class FunctionService:
             current = self.registry.current(record.name)
             if replace and current is None:
                 raise NotFound(f"function {record.name!r} does not exist; create it with POST")
+            scaling_of(record.labels, self.queue)  # refused before anything is stored, not after
             await self.validate(record, files, max_bundle_bytes)
             info = await asyncio.to_thread(self.registry.deploy, record, files, replace=replace,
                                            max_bundle_bytes=max_bundle_bytes)
