@@ -178,3 +178,12 @@ async def test_the_budget_stops_idle_instances_of_other_functions_first(intravis
         pool.release(cvm)
     for pool in (first, second, third):
         await pool.close()
+
+
+async def test_instances_are_recycled_before_their_lifetime_cpu_limit(intravisor, bundles) -> None:
+    code = ("import os, time\ndef handle(e, c):\n    end = time.process_time() + 0.3\n"
+            "    while time.process_time() < end:\n        pass\n    return str(os.getpid())\n")
+    pool = FunctionPool(intravisor, spec(bundles, "burner", code, cpu_seconds=1), Scaling(max=1))
+    pids = [(await call(pool))[0] for _ in range(4)]
+    assert pids[0] == pids[1] and pids[2] != pids[1], pids  # replaced after half its CPU budget
+    await pool.close()

@@ -42,6 +42,8 @@ class CVM:
     invocations: int = 0
     peak_rss: int = 0
     """Bytes of the cVM's peak resident memory, as it last reported."""
+    cpu_seconds: float = 0.0
+    """CPU time the cVM has used over its life, as it last reported."""
     stop_reason: str = ""
     grants: list[Capability] = field(default_factory=list)
     """Capabilities the intravisor handed this cVM besides its own region (read-only payloads …)."""

@@ -38,8 +38,11 @@ class FunctionLoadError(Exception):
 
     def __init__(self, error: dict[str, Any]) -> None:
         self.error = error
-        where = f" ({error['file']}, line {error['line']})" if "file" in error else ""
-        super().__init__(f"{error.get('type', 'Error')}: {error.get('message', '')}{where}")
+        message = str(error.get("message", ""))
+        where = ""
+        if "file" in error and f"line {error.get('line')}" not in message:  # SyntaxError says it already
+            where = f" ({error['file']}, line {error['line']})"
+        super().__init__(f"{error.get('type', 'Error')}: {message}{where}")
 
 
 class CVMStartError(Exception):
@@ -281,6 +284,8 @@ class Intravisor:
         error = reply.get("error")
         if isinstance(reply.get("rss"), int):
             cvm.peak_rss = reply["rss"]
+        if isinstance(reply.get("cpu"), float):
+            cvm.cpu_seconds = reply["cpu"]
         return Result(status, {str(k): str(v) for k, v in headers.items()}, body, "error" if error else "ok", error)
 
 

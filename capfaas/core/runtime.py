@@ -195,7 +195,9 @@ class Runtime:
             stage = "result" if isinstance(exc, HandlerResultError) else "handler"
             reply.update(status=500, error=error_report(stage, exc, self.spec))
         _flush(sys.stdout, sys.stderr)  # all of this invocation's output is in the pipes before the reply
-        reply["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        reply["rss"] = usage.ru_maxrss * 1024
+        reply["cpu"] = usage.ru_utime + usage.ru_stime
         return reply
 
     def _body(self, body: Any) -> dict[str, Any]:

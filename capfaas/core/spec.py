@@ -9,6 +9,7 @@ from pathlib import Path
 NAME_PATTERN = re.compile(r"[-a-zA-Z_0-9.]+")
 SIGNATURES = ("native", "functions-framework", "lambda")
 MiB = 1 << 20
+MAX_TIMEOUT = 24 * 3600
 
 
 class SpecError(ValueError):
@@ -21,7 +22,9 @@ class Limits:
 
     memory: int = 128 * MiB
     """Bytes the function may allocate beyond the runtime itself."""
-    cpu_seconds: int = 30
+    cpu_seconds: int = 300
+    """CPU seconds one instance may use over its life (RLIMIT_CPU); it is recycled before it gets
+    there, so this bounds a runaway process, while ``timeout`` bounds each invocation."""
     timeout: float = 30.0
     """Wall-clock seconds per invocation, enforced from outside: the cVM is killed and replaced."""
     open_files: int = 64
@@ -32,10 +35,12 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("memory", "cpu_seconds", "open_files", "output", "tmp"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SpecError(f"limit {name} must be a positive integer, got {value!r}")
-        if not isinstance(self.timeout, (int, float)) or isinstance(self.timeout, bool) or self.timeout <= 0:
-            raise SpecError(f"limit timeout must be a positive number of seconds, got {self.timeout!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 62:
+                raise SpecError(f"limit {name} must be a positive integer below 2**62, got {value!r}")
+        if (not isinstance(self.timeout, (int, float)) or isinstance(self.timeout, bool)
+                or not 0 < self.timeout <= MAX_TIMEOUT):
+            raise SpecError(f"limit timeout must be a positive number of seconds up to {MAX_TIMEOUT}, "
+                            f"got {self.timeout!r}")
 
 
 @dataclass(frozen=True)

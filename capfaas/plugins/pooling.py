@@ -23,6 +23,11 @@ from capfaas.core.spec import FunctionSpec
 from capfaas.hookspecs import hookimpl
 
 
+CPU_RECYCLE_SHARE = 0.5
+"""An instance is recycled once it used this share of its lifetime CPU limit: the rest must cover
+one more invocation, which the timeout bounds."""
+
+
 class PoolBusy(Exception):
     """Every instance is busy and the queue is full."""
 
@@ -175,7 +180,10 @@ class FunctionPool:
         await self.intravisor.stop(cvm, reason)
 
     def _worn_out(self, cvm: CVM) -> bool:
-        return cvm.invocations >= self.scaling.recycle_after or cvm.peak_rss > self.scaling.recycle_rss
+        """Replace an instance after many invocations, past its memory threshold, or before its
+        lifetime CPU limit (RLIMIT_CPU) would kill it mid-invocation."""
+        return (cvm.invocations >= self.scaling.recycle_after or cvm.peak_rss > self.scaling.recycle_rss
+                or cvm.cpu_seconds > CPU_RECYCLE_SHARE * self.spec.limits.cpu_seconds)
 
     def release(self, cvm: CVM) -> None:
         """Give an instance back after an invocation; a stopped or worn-out one is replaced on demand."""
