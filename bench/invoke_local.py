@@ -11,9 +11,14 @@ Figures and ratios only, never pass/fail.
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]  # bench/http.py must not shadow the standard library's http (aiohttp imports it)
+
 import argparse
 import asyncio
-import os
 import socket
 import statistics
 import tempfile

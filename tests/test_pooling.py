@@ -172,7 +172,7 @@ async def test_the_budget_stops_idle_instances_of_other_functions_first(intravis
     assert oldest.state is State.STOPPED and first.replicas == 1 and second.replicas == 1
     cvms = [(await first.acquire())[0], (await second.acquire())[0]]
     third = FunctionPool(intravisor, spec(bundles, "third", hello), Scaling(max=2))
-    with pytest.raises(BudgetExhausted, match="budget of 2 instances"):
+    with pytest.raises(BudgetExhausted, match=r"budget is spent \(2 instances"):
         await third.acquire()
     for pool, cvm in zip((first, second), cvms):
         pool.release(cvm)
@@ -187,3 +187,19 @@ async def test_instances_are_recycled_before_their_lifetime_cpu_limit(intravisor
     pids = [(await call(pool))[0] for _ in range(4)]
     assert pids[0] == pids[1] and pids[2] != pids[1], pids  # replaced after half its CPU budget
     await pool.close()
+
+
+async def test_the_budget_keeps_host_memory_free(intravisor, bundles) -> None:
+    from capfaas.plugins.pooling import memory_available
+
+    budget = budget_of(intravisor)
+    hello = "def handle(e, c):\n    return 'ok'\n"
+    first = FunctionPool(intravisor, spec(bundles, "first", hello), Scaling(max=2))
+    await call(first)
+    budget.reserve = memory_available()  # as if the host had no memory to spare
+    second = FunctionPool(intravisor, spec(bundles, "second", hello), Scaling(max=2))
+    with pytest.raises(BudgetExhausted, match="MiB kept free"):
+        await call(second)
+    assert first.replicas == 0, "the idle instance of the other function was not stopped first"
+    for pool in (first, second):
+        await pool.close()

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from capfaas.core.cvm import CVM, State
@@ -55,34 +56,46 @@ class Scaling:
     """Peak resident memory (bytes) past which an instance is replaced after its invocation."""
 
 
+def memory_available() -> int:
+    """Bytes the kernel could give without swapping (``MemAvailable``), read when a cVM starts."""
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def _reserve() -> int:
+    """Memory left for everything else: a tenth of the machine, at least 1 GiB."""
+    return max(1 << 30, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 10)
+
+
 @dataclass
 class Budget:
-    """Limits for all pools of one intravisor together."""
+    """Limits for all pools of one intravisor together: a number of instances, and host memory.
+
+    A new instance may start only while the host could still give it its whole memory limit and
+    keep ``reserve`` bytes free; otherwise idle instances of other functions are stopped first,
+    least recently used first.
+    """
 
     instances: int = 1000
-    memory: int = 16 << 30
-    """Bytes of functions' memory limits that running instances may add up to."""
-    pools: weakref.WeakSet[FunctionPool] = None  # type: ignore[assignment]
+    reserve: int = field(default_factory=_reserve)
+    pools: weakref.WeakSet[FunctionPool] = field(default_factory=weakref.WeakSet)
 
-    def __post_init__(self) -> None:
-        self.pools = weakref.WeakSet()
-
-    def usage(self) -> tuple[int, int]:
+    def fits(self, asking: FunctionPool) -> bool:
         count = sum(len(pool.instances) + pool.starting for pool in self.pools)
-        memory = sum((len(pool.instances) + pool.starting) * pool.spec.limits.memory for pool in self.pools)
-        return count, memory
+        return count < self.instances and memory_available() - asking.spec.limits.memory >= self.reserve
 
     async def make_room(self, asking: FunctionPool) -> None:
         """Stop least recently used idle instances of other functions until one more fits."""
-        while True:
-            count, memory = self.usage()
-            if count < self.instances and memory + asking.spec.limits.memory <= self.memory:
-                return
+        while not self.fits(asking):
             victims = [(stamp, pool) for pool in self.pools if pool is not asking
                        for stamp in pool.idle_since.values()]
             if not victims:
-                raise BudgetExhausted(f"the host's budget of {self.instances} instances and "
-                                      f"{self.memory >> 20} MiB is spent and no other function has an idle instance")
+                raise BudgetExhausted(f"the host's budget is spent ({self.instances} instances, "
+                                      f"{self.reserve >> 20} MiB kept free) and no other function "
+                                      "has an idle instance to stop")
             _, pool = min(victims, key=lambda pair: pair[0])
             await pool.stop_oldest_idle("budget: room for another function")
 
