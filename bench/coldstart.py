@@ -85,7 +85,7 @@ class Gateway:
         env = dict(os.environ, CAPFAAS_ADMIN_PASSWORD=PASSWORD, CAPFAAS_STATE_DIR=str(workdir / "state"))
         self.process = subprocess.Popen([sys.executable, "-m", "capfaas", "serve", "--port", str(self.port)],
                                         env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.auth = {"Authorization": aiohttp.BasicAuth("admin", PASSWORD).encode()}
+        self.auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()}
 
     async def deploy(self, session: aiohttp.ClientSession, name: str, code: str, labels: dict[str, str]) -> None:
         body = {"service": name, "labels": labels,

@@ -117,9 +117,10 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.logger = logging.getLogger(spec.name)
         self.logger.propagate = False
-        handler = logging.StreamHandler(sys.stderr)  # the console: the intravisor reads it
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        self.logger.addHandler(handler)
+        if not self.logger.handlers:  # a clone inherits its template's logger, handler included
+            handler = logging.StreamHandler(sys.stderr)  # the console: the intravisor reads it
+            handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+            self.logger.addHandler(handler)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -165,6 +166,21 @@ class Runtime:
                                         "error": {"stage": "result", "type": type(exc).__name__,
                                                   "message": f"the result cannot be sent: {exc}"}})
                 self.sock.sendall(packed)
+
+    def rehearse(self, rounds: int = 32) -> None:
+        """Run the invocation path on a no-op handler, replies discarded.
+
+        In a template this is done once before cloning: the interpreter specialises (quickens)
+        the bytecode of everything an invocation runs, and those writes then live in pages every
+        clone shares instead of being copied into each clone on its first request.
+        """
+        self.call, self.convert = adapt(lambda event, context: b"", "native")
+        message = {"op": "invoke", "id": "rehearsal", "method": "POST", "path": "/", "query": {},
+                   "headers": {}, "body": b"", "length": None, "deadline": 0.0}
+        for _ in range(rounds):
+            unpacker = wire.unpacker()
+            unpacker.feed(wire.pack(message))
+            wire.pack(self.invoke(next(unpacker)))
 
     def _event(self, message: dict[str, Any]) -> Event:
         body = message.get("body", b"")

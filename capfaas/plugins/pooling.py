@@ -255,7 +255,9 @@ class FunctionPool:
             if not self._template_ready.done():
                 self._template_ready.cancel()
             elif not self._template_ready.cancelled() and self._template_ready.exception() is None:
-                self._template_ready.result().kill()
+                template = self._template_ready.result()
+                if template is not None:  # None: the backend starts every instance fresh
+                    template.kill()
 
 
 def make_pool(intravisor: Intravisor, spec: FunctionSpec, scaling: Scaling) -> FunctionPool:

@@ -28,6 +28,7 @@ from capfaas.core.spec import FunctionSpec, Limits
 from capfaas.plugin_manager import make_plugin_manager
 from capfaas.plugins.libos.policy import LibOSPolicy
 
+from .layout import WINDOW_ALIGN
 from .memory import TaggedMemory
 
 MAX_MESSAGE = 1 << 20
@@ -146,6 +147,7 @@ def run_function_template(message: dict[str, Any], control_fd: int, libos: Any) 
     def send(reply: dict[str, Any]) -> None:
         control.send(wire.pack(reply))
 
+    _rehearse(spec)
     try:
         libos.enter(policy_for(spec, message["region_size"]), allow_fork=True)
     except Exception as exc:
@@ -192,6 +194,20 @@ def run_function_template(message: dict[str, Any], control_fd: int, libos: Any) 
             os.close(fds[0])
             reaper.children.add(pid)
             send({"op": "forked", "cvm": request["cvm_id"], "pid": pid})
+
+
+def _rehearse(spec: FunctionSpec) -> None:
+    """Warm the invocation path once in the template (see ``Runtime.rehearse``), on a scratch
+    segment of its own and a no-op handler, before any function code is loaded."""
+    memory = TaggedMemory(WINDOW_ALIGN)
+    ours, theirs = socket.socketpair()
+    try:
+        root = memory.root_capability()
+        Runtime(ours, spec, Region(memory, root, root.base + WINDOW_ALIGN // 2)).rehearse()
+    finally:
+        ours.close()
+        theirs.close()
+        memory.close()
 
 
 def run_instance(control_fd: int, spec: FunctionSpec, module: Any, handler: Any, libos: Any) -> int:
