@@ -78,6 +78,8 @@ def deploy(args: argparse.Namespace) -> int:
                             "module": module, "handler": args.handler, "signature": args.signature}
     if args.timeout is not None:
         code["timeout"] = args.timeout
+    if args.concurrency is not None:
+        code["concurrency"] = args.concurrency
     deployment = {"service": name, "image": f"capfaas/{name}", "envVars": _pairs(args.env, "--env"),
                   "secrets": args.secret, "labels": labels, "limits": limits or None, "code": code}
     client = _client(args)
@@ -217,6 +219,8 @@ def register(verbs: argparse._SubParsersAction, add_verb: Any) -> None:
     verb.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="an environment variable")
     verb.add_argument("--secret", action="append", default=[], metavar="NAME", help="a secret the function may read")
     verb.add_argument("--label", "-l", action="append", default=[], metavar="K=V", help="a label")
+    verb.add_argument("--concurrency", type=int,
+                      help="invocations one instance serves at once (above 1 needs an async def handler)")
     verb.add_argument("--min", type=int, help="warm instances kept (com.openfaas.scale.min)")
     verb.add_argument("--max", type=int, help="most instances (com.openfaas.scale.max)")
 

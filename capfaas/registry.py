@@ -120,6 +120,7 @@ _LIMIT_PARSERS = {
     "timeout": _parse_seconds,
     "cpu_seconds": _parse_count,
     "open_files": _parse_count,
+    "concurrency": _parse_count,
 }
 
 

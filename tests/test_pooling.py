@@ -203,3 +203,26 @@ async def test_the_budget_keeps_host_memory_free(intravisor, bundles) -> None:
     assert first.replicas == 0, "the idle instance of the other function was not stopped first"
     for pool in (first, second):
         await pool.close()
+
+
+async def test_an_async_instance_serves_several_invocations_at_once(intravisor, bundles) -> None:
+    code = ("import asyncio, os\nRUNNING = [0, 0]\nasync def handle(e, c):\n"
+            "    RUNNING[0] += 1\n    RUNNING[1] = max(RUNNING)\n    await asyncio.sleep(0.2)\n"
+            "    RUNNING[0] -= 1\n"
+            "    return os.getpid().to_bytes(4, 'little') + bytes([RUNNING[1]]) + bytes(e.body) * 20000\n")
+    pool = FunctionPool(intravisor, spec(bundles, "together", code, concurrency=4), Scaling(max=1, queue=8))
+    results = await asyncio.gather(*(call(pool, str(i).encode()) for i in range(8)))
+    assert pool.cold_starts == 1 and len({body[:4] for body, _ in results}) == 1
+    assert max(body[4] for body, _ in results) == 4, "the instance never ran 4 invocations at once"
+    assert [body[5:] for body, _ in results] == [str(i).encode() * 20000 for i in range(8)]  # each its own reply
+    cvm = next(iter(pool.instances))
+    assert cvm.in_flight == 0 and cvm in pool.idle and not pool.partial
+    await pool.close()
+
+
+async def test_concurrency_needs_an_async_handler(intravisor, bundles) -> None:
+    pool = FunctionPool(intravisor, spec(bundles, "plain", "def handle(e, c):\n    return 'ok'\n", concurrency=2),
+                        Scaling())
+    with pytest.raises(FunctionLoadError, match="concurrency 2 needs an async def handler"):
+        await pool.acquire()
+    await pool.close()

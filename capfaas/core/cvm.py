@@ -45,9 +45,15 @@ class CVM:
     cpu_seconds: float = 0.0
     """CPU time the cVM has used over its life, as it last reported."""
     stop_reason: str = ""
+    in_flight: int = 0
+    """Invocations handed to this cVM and not yet released by whoever acquired it (the pool's count)."""
+    busy: int = 0
+    """Invocations the cVM is running right now (the intravisor's count)."""
     grants: list[Capability] = field(default_factory=list)
     """Capabilities the intravisor handed this cVM besides its own region (read-only payloads …)."""
     _unpacker: Any = field(default=None, repr=False)
+    _pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    _reader: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._unpacker = wire.unpacker(max_buffer_size=4 * self.spec.limits.output + (8 << 20))
@@ -65,6 +71,35 @@ class CVM:
     async def send(self, message: dict[str, Any]) -> None:
         self.process.writer.write(wire.pack(message))
         await self.process.writer.drain()
+
+    async def exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send an invocation and wait for its reply. One at a time, replies come back in order;
+        a cVM serving several at once gets one reader that hands each reply to its caller by id."""
+        if self.spec.limits.concurrency == 1:
+            await self.send(message)
+            return await self.receive()
+        waiter = asyncio.get_running_loop().create_future()
+        self._pending[message["id"]] = waiter
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read_replies())
+        try:
+            await self.send(message)
+            return await waiter
+        finally:
+            self._pending.pop(message["id"], None)
+
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                reply = await self.receive()
+                waiter = self._pending.get(reply.get("id"))
+                if waiter is None or waiter.done():
+                    raise ProtocolViolation(f"a reply to no pending invocation ({reply.get('id')!r})")
+                waiter.set_result(reply)
+        except (ChannelClosed, ProtocolViolation, ConnectionError) as exc:
+            for waiter in self._pending.values():
+                if not waiter.done():
+                    waiter.set_exception(exc)
 
     async def receive(self) -> dict[str, Any]:
         """The next message from the cVM; ChannelClosed at end of stream."""

@@ -220,9 +220,11 @@ class Intravisor:
 
     async def invoke(self, cvm: CVM, invocation: Invocation) -> Result:
         """Run one invocation on a ready or idle cVM; timeouts and crashes stop the cVM."""
-        if cvm.state not in (State.READY, State.IDLE):
+        concurrent = cvm.spec.limits.concurrency > 1
+        if cvm.state not in (State.READY, State.IDLE) and not (concurrent and cvm.state is State.BUSY):
             raise RuntimeError(f"cVM {cvm.id} is {cvm.state.value}, not ready")
         cvm.state = State.BUSY
+        cvm.busy += 1
         cvm.invocations += 1
         started = time.monotonic()
         timeout = cvm.spec.limits.timeout
@@ -231,10 +233,11 @@ class Intravisor:
             self.pm.hook.capfaas_before_invoke(spec=cvm.spec, invocation_id=invocation.id)
         try:
             async with asyncio.timeout(timeout):  # no extra task per call, unlike wait_for
-                await cvm.send(message)
-                reply = await cvm.receive()
+                reply = await cvm.exchange(message)
             result = self._result(cvm, reply)
-            cvm.state = State.IDLE
+            cvm.busy -= 1
+            if not cvm.busy:
+                cvm.state = State.IDLE
         except asyncio.TimeoutError:
             await self.stop(cvm, "timeout")
             result = _failure(504, "timeout", "TimeoutError",
@@ -260,7 +263,7 @@ class Intravisor:
         length = invocation.length
         if isinstance(body, Capability):
             length = body.length if length is None else length
-        elif len(body) > INLINE_LIMIT and not invocation.inline:
+        elif len(body) > INLINE_LIMIT and not invocation.inline and cvm.spec.limits.concurrency == 1:
             length = len(body)
             body = self.place(cvm, body)
         return {"op": "invoke", "id": invocation.id, "method": invocation.method, "path": invocation.path,

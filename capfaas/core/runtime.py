@@ -98,6 +98,16 @@ def load_handler(spec: FunctionSpec) -> Any:
     return handler
 
 
+def _packed(reply: dict[str, Any]) -> bytes:
+    """The reply on the wire, or an error reply when the function's result cannot be sent."""
+    try:
+        return wire.pack(reply)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return wire.pack({"op": "result", "id": reply.get("id"), "status": 500,
+                          "error": {"stage": "result", "type": type(exc).__name__,
+                                    "message": f"the result cannot be sent: {exc}"}})
+
+
 def _flush(*streams: Any) -> None:
     for stream in streams:
         try:
@@ -145,6 +155,9 @@ class Runtime:
         """Load the function; report ``ready`` or, with file and line, why it cannot run."""
         try:
             handler = handler_loader(self.spec)
+            if self.spec.limits.concurrency > 1 and not inspect.iscoroutinefunction(handler):
+                raise TypeError(f"concurrency {self.spec.limits.concurrency} needs an async def handler; "
+                                f"{self.spec.handler!r} is a plain function")
         except BaseException as exc:  # import-time failures of user code, SystemExit included
             self.send({"op": "failed", "error": error_report("import", exc, self.spec)})
             return None
@@ -153,19 +166,37 @@ class Runtime:
         return handler
 
     def serve(self) -> None:
+        if self.spec.limits.concurrency > 1:
+            self.loop.run_until_complete(self._serve_concurrently())
+            return
         while True:
             message = self.receive()
             if message is None or message.get("op") == "stop":
                 return
             if message.get("op") == "invoke":
-                reply = self.invoke(message)
-                try:
-                    packed = wire.pack(reply)
-                except (TypeError, ValueError, OverflowError) as exc:  # an unsendable result
-                    packed = wire.pack({"op": "result", "id": reply.get("id"), "status": 500,
-                                        "error": {"stage": "result", "type": type(exc).__name__,
-                                                  "message": f"the result cannot be sent: {exc}"}})
-                self.sock.sendall(packed)
+                self.sock.sendall(_packed(self.invoke(message)))
+
+    async def _serve_concurrently(self) -> None:
+        """Several invocations at once, each a task on this cVM's loop; replies go out by id."""
+        loop = self.loop
+        self.sock.setblocking(False)
+        sending = asyncio.Lock()  # one reply at a time on the socket, never interleaved
+        running: set[asyncio.Task[None]] = set()
+
+        async def run(message: dict[str, Any]) -> None:
+            reply = await self.invoke_async(message)
+            async with sending:
+                await loop.sock_sendall(self.sock, _packed(reply))
+
+        while data := await loop.sock_recv(self.sock, 1 << 20):
+            self.unpacker.feed(data)
+            for message in self.unpacker:
+                if message.get("op") == "stop":
+                    return
+                if message.get("op") == "invoke":
+                    task = loop.create_task(run(message))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
 
     def rehearse(self, rounds: int = 32) -> None:
         """Run the invocation path on a no-op handler, replies discarded.
@@ -191,23 +222,23 @@ class Runtime:
         return Event(message.get("method", "GET"), message.get("path", "/"), message.get("query") or {},
                      message.get("headers") or {}, body, capability)
 
-    def invoke(self, message: dict[str, Any]) -> dict[str, Any]:
-        self.region.reset()
+    def _begin(self, message: dict[str, Any]) -> tuple[Event, Context, dict[str, Any]]:
         call_id = message.get("id", "")
         context = Context(self.spec.name, call_id, message.get("deadline", 0.0), self.logger,
                           share=lambda data: self.region.share(data)[0])
-        reply: dict[str, Any] = {"op": "result", "id": call_id}
-        try:
-            value = self.call(self._event(message), context)
-            if inspect.isawaitable(value):
-                value = self.loop.run_until_complete(value)
-            response = self.convert(value, Capability)
-            reply.update(status=response.status, headers=response.headers)
-            reply.update(self._body(response.body))
-        except BaseException as exc:  # the handler's failure is the invocation's result
+        return self._event(message), context, {"op": "result", "id": call_id}
+
+    def _complete(self, reply: dict[str, Any], value: Any, *, inline: bool) -> dict[str, Any]:
+        response = self.convert(value, Capability)
+        reply.update(status=response.status, headers=response.headers)
+        reply.update(self._body(response.body, inline=inline))
+        return reply
+
+    def _finish(self, reply: dict[str, Any], exc: BaseException | None) -> dict[str, Any]:
+        if exc is not None:  # the handler's failure is the invocation's result
             if isinstance(exc, KeyboardInterrupt):
-                raise
-            traceback.print_exc()
+                raise exc
+            traceback.print_exception(exc)
             stage = "result" if isinstance(exc, HandlerResultError) else "handler"
             reply.update(status=500, error=error_report(stage, exc, self.spec))
         _flush(sys.stdout, sys.stderr)  # all of this invocation's output is in the pipes before the reply
@@ -216,10 +247,33 @@ class Runtime:
         reply["cpu"] = usage.ru_utime + usage.ru_stime
         return reply
 
-    def _body(self, body: Any) -> dict[str, Any]:
+    def invoke(self, message: dict[str, Any]) -> dict[str, Any]:
+        """One invocation at a time: the region's heap is this invocation's alone."""
+        self.region.reset()
+        event, context, reply = self._begin(message)
+        try:
+            value = self.call(event, context)
+            if inspect.isawaitable(value):
+                value = self.loop.run_until_complete(value)
+            return self._finish(self._complete(reply, value, inline=False), None)
+        except BaseException as exc:
+            return self._finish(reply, exc)
+
+    async def invoke_async(self, message: dict[str, Any]) -> dict[str, Any]:
+        """One of several concurrent invocations: results travel inline (no shared heap to split)."""
+        event, context, reply = self._begin(message)
+        try:
+            value = self.call(event, context)
+            if inspect.isawaitable(value):
+                value = await value
+            return self._finish(self._complete(reply, value, inline=True), None)
+        except BaseException as exc:
+            return self._finish(reply, exc)
+
+    def _body(self, body: Any, *, inline: bool) -> dict[str, Any]:
         if isinstance(body, Capability):  # capability-aware code: the bytes from its address to its top
             return {"body": body, "length": min(max(body.top - body.address, 0), (1 << 64) - 1)}
-        if len(body) <= INLINE_LIMIT:
+        if inline or len(body) <= INLINE_LIMIT:
             return {"body": bytes(body)}
         cap, length = self.region.share(body)
         return {"body": cap, "length": length}

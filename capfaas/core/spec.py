@@ -31,9 +31,12 @@ class Limits:
     output: int = 1 * MiB
     """Bytes of stdout and of stderr kept per invocation."""
     tmp: int = 16 * MiB
+    concurrency: int = 1
+    """Invocations one instance serves at once; above 1 only for ``async def`` handlers, whose
+    payloads then travel inside control messages (each concurrent call needs its own buffers)."""
 
     def __post_init__(self) -> None:
-        for name in ("memory", "cpu_seconds", "open_files", "output", "tmp"):
+        for name in ("memory", "cpu_seconds", "open_files", "output", "tmp", "concurrency"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 62:
                 raise SpecError(f"limit {name} must be a positive integer below 2**62, got {value!r}")

@@ -202,7 +202,7 @@ def parse_deployment(body: Any) -> tuple[DeploymentRecord, dict[str, bytes]]:
     if not isinstance(body.get("secrets") or [], list):
         raise InvalidInput("'secrets' must be a list of secret names")
     limits = dict(body.get("limits") or {})
-    for key in ("timeout", "cpu_seconds", "open_files", "output", "tmp"):
+    for key in ("timeout", "cpu_seconds", "open_files", "output", "tmp", "concurrency"):
         if key in code:
             limits[key] = code[key]
     _check_limit_range(limits)
@@ -430,8 +430,21 @@ async def _read_prefix(request: web.Request, limit: int) -> tuple[bytes, bool]:
     return b"".join(chunks), False
 
 
-async def _read_rest(request: web.Request, gateway: Gateway, cvm: Any, prefix: bytes) -> tuple[Capability, int]:
-    """A large body, written once into the cVM's memory as it arrives (after ``prefix``)."""
+async def _read_rest(request: web.Request, gateway: Gateway, cvm: Any,
+                     prefix: bytes) -> tuple[Capability | bytes, int | None]:
+    """A large body, written once into the cVM's memory as it arrives (after ``prefix``).
+
+    An instance serving several invocations at once has no receive area to spare for each: its
+    bodies are read into the gateway and travel inside the control message."""
+    if cvm.spec.limits.concurrency > 1:
+        chunks, size = [prefix], len(prefix)
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > gateway.settings.max_body:
+                raise web.HTTPRequestEntityTooLarge(max_size=gateway.settings.max_body, actual_size=size,
+                                                    text=f"request body larger than {gateway.settings.max_body} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks), None
     length = request.content_length
     area = cvm.receive_area[1]
     capacity = min(gateway.settings.max_body, area) if length is None else length

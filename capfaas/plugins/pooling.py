@@ -117,6 +117,8 @@ class FunctionPool:
         self.scaling = scaling
         self.idle: collections.deque[CVM] = collections.deque()
         self.idle_since: dict[CVM, float] = {}
+        self.partial: set[CVM] = set()
+        """Instances running some invocations with room for more (concurrency above 1)."""
         self.instances: set[CVM] = set()
         self.starting = 0
         self.waiters: collections.deque[asyncio.Future[CVM]] = collections.deque()
@@ -143,15 +145,20 @@ class FunctionPool:
         self.template = await asyncio.shield(self._template_ready)
 
     async def acquire(self) -> tuple[CVM, bool]:
-        """An idle instance, a new one, or a place in the queue; returns (cvm, cold)."""
+        """A slot in a busy instance, an idle instance, a new one, or a place in the queue;
+        returns (cvm, cold). Every acquire is paired with one ``release``."""
+        for cvm in list(self.partial):
+            if cvm.state is not State.STOPPED:
+                return self._lease(cvm), False
+            self.partial.discard(cvm)
         while self.idle:
             cvm = self.idle.pop()  # the most recently used: its pages are the warmest
             self.idle_since.pop(cvm, None)
             if cvm.state is not State.STOPPED:
-                return cvm, False
+                return self._lease(cvm), False
             self.instances.discard(cvm)
         if self.replicas < self.scaling.max:
-            return await self._start(), True
+            return self._lease(await self._start()), True
         if len(self.waiters) >= self.scaling.queue:
             raise PoolBusy(self.spec.name, retry_after=max(1, round(self.spec.limits.timeout / 10)))
         waiter: asyncio.Future[CVM] = asyncio.get_running_loop().create_future()
@@ -198,18 +205,38 @@ class FunctionPool:
         return (cvm.invocations >= self.scaling.recycle_after or cvm.peak_rss > self.scaling.recycle_rss
                 or cvm.cpu_seconds > CPU_RECYCLE_SHARE * self.spec.limits.cpu_seconds)
 
+    def _lease(self, cvm: CVM) -> CVM:
+        """Count one more invocation on ``cvm``, then share its remaining slots."""
+        cvm.in_flight += 1
+        self._fill(cvm)
+        return cvm
+
+    def _fill(self, cvm: CVM) -> None:
+        """Hand ``cvm``'s free slots to waiters; keep it on offer while slots remain."""
+        while cvm.in_flight < self.spec.limits.concurrency and self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                cvm.in_flight += 1
+                waiter.set_result(cvm)
+        if 0 < cvm.in_flight < self.spec.limits.concurrency:
+            self.partial.add(cvm)
+        else:
+            self.partial.discard(cvm)
+
     def release(self, cvm: CVM) -> None:
-        """Give an instance back after an invocation; a stopped or worn-out one is replaced on demand."""
-        if self.closed or (cvm.state is not State.STOPPED and self._worn_out(cvm)):
+        """Give an instance back after an invocation; a stopped or worn-out one is replaced on
+        demand (once its last concurrent invocation is back)."""
+        cvm.in_flight -= 1
+        retiring = self.closed or (cvm.state is not State.STOPPED and self._worn_out(cvm))
+        if retiring or cvm.state is State.STOPPED:
+            self.partial.discard(cvm)
+            if cvm.in_flight:
+                return
             self.instances.discard(cvm)
-            reason = "version retired" if self.closed else "recycled"
-            asyncio.ensure_future(self.intravisor.stop(cvm, reason))
+            if retiring:
+                asyncio.ensure_future(self.intravisor.stop(cvm, "version retired" if self.closed else "recycled"))
             if not self.closed:
                 self._replace_for_waiters()
-            return
-        if cvm.state is State.STOPPED:
-            self.instances.discard(cvm)
-            self._replace_for_waiters()
             return
         self._hand_over(cvm)
 
@@ -218,13 +245,12 @@ class FunctionPool:
             asyncio.ensure_future(self._start_for_waiter())
 
     def _hand_over(self, cvm: CVM) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(cvm)
-                return
-        self.idle.append(cvm)
-        self.idle_since[cvm] = time.monotonic()
+        """After a release or a start: free slots to waiters; an instance with nothing in flight
+        goes idle."""
+        self._fill(cvm)
+        if not cvm.in_flight:
+            self.idle.append(cvm)
+            self.idle_since[cvm] = time.monotonic()
 
     async def _start_for_waiter(self) -> None:
         try:
