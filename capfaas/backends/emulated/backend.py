@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from capfaas.core import wire
@@ -52,6 +53,25 @@ class EmulatedProcess(CVMProcess):
             os.close(self._pidfd)
             self._pidfd = None
         return how
+
+
+async def _reported(pid: asyncio.Future[int], *undo: Callable[[], object]) -> int:
+    """The pid a template reports; on a failure or timeout, undo what was prepared."""
+    try:
+        async with asyncio.timeout(START_TIMEOUT):
+            return await pid
+    except BaseException:
+        for step in undo:
+            step()
+        raise
+
+
+async def _attach(pid: int, sock: socket.socket, stdout_fd: int, stderr_fd: int, request: LaunchRequest,
+                  ended: asyncio.Future[str]) -> EmulatedProcess:
+    """The intravisor's side of a started cVM: its console and its control channel."""
+    console = Console(stdout_fd, stderr_fd, request.spec.limits.output)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+    return EmulatedProcess(pid, reader, writer, ended, console)
 
 
 def spec_to_wire(spec: FunctionSpec) -> dict[str, Any]:
@@ -130,18 +150,9 @@ class EmulatedTemplate(TemplateProcess):
         finally:
             for fd in (theirs.detach(), out_w, err_w):
                 os.close(fd)
-        try:
-            async with asyncio.timeout(START_TIMEOUT):
-                pid = await forked
-        except BaseException:
-            ours.close()
-            os.close(out_r)
-            os.close(err_r)
-            self._forked.pop(request.cvm_id, None)
-            raise
-        console = Console(out_r, err_r, request.spec.limits.output)
-        reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
-        return EmulatedProcess(pid, reader, writer, self.backend.exit_future(pid), console)
+        pid = await _reported(forked, lambda: self._forked.pop(request.cvm_id, None), ours.close,
+                              lambda: os.close(out_r), lambda: os.close(err_r))
+        return await _attach(pid, ours, out_r, err_r, request, self.backend.exit_future(pid))
 
     def kill(self) -> None:
         try:
@@ -259,17 +270,9 @@ class EmulatedBackend(Backend):
             theirs.close()
             os.close(out_w)
             os.close(err_w)
-        try:
-            pid = await asyncio.wait_for(launched, START_TIMEOUT)
-        except BaseException:
-            ours.close()
-            os.close(out_r)
-            os.close(err_r)
-            self._launched.pop(request.cvm_id, None)
-            raise
-        console = Console(out_r, err_r, request.spec.limits.output)
-        reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
-        return EmulatedProcess(pid, reader, writer, self.exit_future(pid), console)
+        pid = await _reported(launched, lambda: self._launched.pop(request.cvm_id, None), ours.close,
+                              lambda: os.close(out_r), lambda: os.close(err_r))
+        return await _attach(pid, ours, out_r, err_r, request, self.exit_future(pid))
 
     async def launch_template(self, spec: FunctionSpec, region_size: int) -> EmulatedTemplate:
         """Start a function template: the function imported and initialised once, ready to fork."""
@@ -285,12 +288,7 @@ class EmulatedBackend(Backend):
                                                      "spec": spec_to_wire(spec)})], [theirs.fileno()])
         finally:
             theirs.close()
-        try:
-            pid = await asyncio.wait_for(launched, START_TIMEOUT)
-        except BaseException:
-            ours.close()
-            self._launched.pop(key, None)
-            raise
+        pid = await _reported(launched, lambda: self._launched.pop(key, None), ours.close)
         template = EmulatedTemplate(self, ours, pid, self._exits.setdefault(pid, loop.create_future()))
         await template.started()
         return template
