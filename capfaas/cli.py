@@ -177,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="hardware backend: auto (default), emulated, morello; env CAPFAAS_BACKEND")
     verb.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
-    from .cli_gateway import register
+    from .cli_gateway import add_global_options, register
     from .plugin_manager import make_plugin_manager
 
+    add_global_options(parser)
     register(verbs, add_verb)
     make_plugin_manager().hook.capfaas_register_commands(verbs=verbs)
     return parser

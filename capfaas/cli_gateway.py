@@ -192,12 +192,18 @@ def secrets(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    """``--gateway`` and ``--state-dir`` before the verb, as well as after it."""
+    parser.add_argument("--gateway", "-g", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--state-dir", default=os.environ.get("CAPFAAS_STATE_DIR"), help=argparse.SUPPRESS)
+
+
 def register(verbs: argparse._SubParsersAction, add_verb: Any) -> None:
     """Declare the gateway verbs and their options."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--gateway", "-g", default=None,
-                        help=f"the gateway's URL (default: $CAPFAAS_GATEWAY or http://127.0.0.1:8080)")
-    common.add_argument("--state-dir", default=os.environ.get("CAPFAAS_STATE_DIR"),
+    common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: given before the verb, it still counts
+    common.add_argument("--gateway", "-g", default=argparse.SUPPRESS,
+                        help="the gateway's URL (default: $CAPFAAS_GATEWAY or http://127.0.0.1:8080)")
+    common.add_argument("--state-dir", default=argparse.SUPPRESS,
                         help="where the gateway keeps its state (default: $CAPFAAS_STATE_DIR or ./.capfaas)")
 
     verb = add_verb(verbs, serve, parents=[common])
