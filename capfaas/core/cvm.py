@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,8 @@ class CVM:
     cpu_seconds: float = 0.0
     """CPU time the cVM has used over its life, as it last reported."""
     stop_reason: str = ""
+    fault: str = ""
+    """Why the intravisor stopped this cVM for breaking a capability rule, if it did."""
     in_flight: int = 0
     """Invocations handed to this cVM and not yet released by whoever acquired it (the pool's count)."""
     busy: int = 0
@@ -54,6 +57,9 @@ class CVM:
     _unpacker: Any = field(default=None, repr=False)
     _pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict, repr=False)
     _reader: asyncio.Task[None] | None = field(default=None, repr=False)
+    on_call: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = field(default=None, repr=False)
+    """Answers a ``call`` the cVM makes to another function (set by the intravisor)."""
+    _calls: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         self._unpacker = wire.unpacker(max_buffer_size=4 * self.spec.limits.output + (8 << 20))
@@ -77,7 +83,11 @@ class CVM:
         a cVM serving several at once gets one reader that hands each reply to its caller by id."""
         if self.spec.limits.concurrency == 1:
             await self.send(message)
-            return await self.receive()
+            while True:
+                reply = await self.receive()
+                if reply.get("op") != "call":
+                    return reply
+                self._answer(reply)
         waiter = asyncio.get_running_loop().create_future()
         self._pending[message["id"]] = waiter
         if self._reader is None:
@@ -88,10 +98,29 @@ class CVM:
         finally:
             self._pending.pop(message["id"], None)
 
+    def _answer(self, call: dict[str, Any]) -> None:
+        """Serve a call to another function while this cVM's invocation goes on."""
+        async def answer() -> None:
+            if self.on_call is None:
+                reply = {"op": "called", "call": call.get("call"), "status": 501,
+                         "error": {"type": "CallUnavailable", "message": "this cVM cannot call other functions"}}
+            else:
+                reply = await self.on_call(call)
+            try:
+                await self.send(reply)
+            except ConnectionError:
+                pass  # the caller is gone; its invocation reports that
+        task = asyncio.ensure_future(answer())
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
     async def _read_replies(self) -> None:
         try:
             while True:
                 reply = await self.receive()
+                if reply.get("op") == "call":
+                    self._answer(reply)
+                    continue
                 waiter = self._pending.get(reply.get("id"))
                 if waiter is None or waiter.done():
                     raise ProtocolViolation(f"a reply to no pending invocation ({reply.get('id')!r})")

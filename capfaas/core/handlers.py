@@ -49,6 +49,24 @@ class Context:
     logger: logging.Logger
     share: Callable[[Any], Any] = field(repr=False, default=lambda data: None)
     """``share(data)`` places bytes in this cVM's memory and returns a read-only capability to them."""
+    caller: Any = field(repr=False, default=None)
+    """What carries ``call``/``acall`` to the intravisor (the runtime)."""
+
+    def call(self, function: str, data: Any = b"", headers: dict[str, str] | None = None) -> CallResult:
+        """Invoke another deployed function, cVM to cVM through the intravisor (no HTTP).
+
+        ``data`` is bytes, a buffer, text (sent as UTF-8), or a capability from ``share``. The callee gets at most this
+        invocation's remaining time. A callee that raised, crashed or timed out raises
+        ``FunctionCallError`` naming it; any status it chose itself comes back in the result."""
+        if self.caller is None:
+            raise RuntimeError("this context cannot call other functions")
+        return self.caller.call_function(self, function, data, headers or {})
+
+    async def acall(self, function: str, data: Any = b"", headers: dict[str, str] | None = None) -> CallResult:
+        """``call`` for ``async def`` handlers."""
+        if self.caller is None:
+            raise RuntimeError("this context cannot call other functions")
+        return await self.caller.acall_function(self, function, data, headers or {})
 
     def remaining_time(self) -> float:
         return max(0.0, self.deadline - time.time())
@@ -60,6 +78,32 @@ class Context:
 
     def get_remaining_time_in_millis(self) -> int:
         return int(self.remaining_time() * 1000)
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """What a called function answered."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class FunctionCallError(Exception):
+    """A called function failed: it raised, crashed, timed out, or could not be called at all."""
+
+    def __init__(self, function: str, kind: str, message: str, status: int) -> None:
+        self.function = function
+        self.kind = kind
+        self.status = status
+        super().__init__(f"calling {function!r} failed ({kind}): {message}")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import asyncio
 import resource
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ DEFAULT_SEGMENT_SIZE = 1024 * GiB
 """Address space, not memory: the segment is sparse, and a region costs only what its cVM touches."""
 START_TIMEOUT = 30.0
 READ_ONLY = int(Perm.LOAD | Perm.GLOBAL)
+MAX_CALL_DEPTH = 8
 
 
 class FunctionLoadError(Exception):
@@ -62,6 +64,8 @@ class Invocation:
     id: str = field(default_factory=lambda: secrets.token_hex(16))
     inline: bool = False
     """Send a bytes body inside the control message whatever its size (the copying path)."""
+    chain: list[str] = field(default_factory=list)
+    """The functions that called their way to this invocation, outermost first."""
 
 
 @dataclass
@@ -95,6 +99,8 @@ class Intravisor:
         self._free_regions: list[int] = []
         self._next_id = 1
         self.cvms: dict[int, CVM] = {}
+        self.router: Callable[[str, Invocation, float], Awaitable[Result]] | None = None
+        """Runs a call from one function to another by name (set by the gateway's service)."""
         self._invoke_hooks = bool(pm.hook.capfaas_before_invoke.get_hookimpls()
                                   or pm.hook.capfaas_after_invoke.get_hookimpls())
         """Whether any plugin listens to invocations; the hot path skips the calls when none does."""
@@ -148,6 +154,7 @@ class Intravisor:
             self._free_regions.append(region.offset // self.region_size)
             raise
         cvm = CVM(cvm_id, spec, region, ddc, pcc, process)
+        cvm.on_call = lambda call: self._route_call(cvm, call)
         self.cvms[cvm_id] = cvm
         try:
             async with asyncio.timeout(START_TIMEOUT):
@@ -216,10 +223,60 @@ class Intravisor:
                                   f"[{cap.base:#x}, {cap.top:#x}) is not derivable from cVM {cvm.id}'s authority "
                                   f"(its region is [{cvm.ddc.base:#x}, {cvm.ddc.top:#x}))")
 
+    # -- calls between functions (CAP_Calls) ---------------------------------------------------
+
+    async def _route_call(self, caller: CVM, call: dict[str, Any]) -> dict[str, Any]:
+        """A cVM calls another function: check the call, run it on an instance, answer the caller.
+
+        A capability argument must come from the caller's own authority; its bytes are copied once,
+        from the caller's region into the callee's (each cVM maps only its own region)."""
+        name = call.get("function")
+        chain = [str(n) for n in call.get("chain") or []]
+        reply: dict[str, Any] = {"op": "called", "call": call.get("call")}
+
+        def failed(status: int, kind: str, message: str) -> dict[str, Any]:
+            return {**reply, "status": status, "error": {"type": kind, "message": message}}
+
+        if self.router is None:
+            return failed(501, "CallUnavailable", "calls to other functions need the gateway (capfaas serve)")
+        if not isinstance(name, str):
+            return failed(400, "BadCall", "a call must name a function")
+        if name in chain:
+            return failed(508, "CallCycle", "a call cycle: " + " -> ".join([*chain, name]))
+        if len(chain) >= MAX_CALL_DEPTH:
+            return failed(508, "CallDepth", f"calls may nest {MAX_CALL_DEPTH} deep at most: " + " -> ".join([*chain, name]))
+        body: Any = call.get("body", b"")
+        if isinstance(body, Capability):
+            length = call.get("length")
+            try:
+                self.admit(caller, body, length)
+            except CapabilityFault as exc:
+                caller.fault = f"{type(exc).__name__}: {exc}"
+                asyncio.ensure_future(self.stop(caller, "fault"))
+                return failed(403, type(exc).__name__, str(exc))
+            body = self.memory.view(body, body.address, length)
+        elif not isinstance(body, bytes):
+            return failed(400, "BadCall", "a call's data must be bytes or a capability")
+        remaining = float(call.get("deadline", 0.0)) - time.time()
+        if remaining <= 0:
+            return failed(504, "TimeoutError", f"no time left to call {name!r}")
+        headers = call.get("headers") if isinstance(call.get("headers"), dict) else {}
+        try:
+            result = await self.router(name, Invocation(method="POST", headers=headers, body=body, chain=chain), remaining)
+        except LookupError as exc:
+            return failed(404, "FunctionNotFound", str(exc))
+        reply.update(status=result.status, headers=result.headers, body=bytes(result.body))
+        if result.outcome != "ok":
+            reply["error"] = {"type": (result.error or {}).get("type", result.outcome),
+                              "message": (result.error or {}).get("message", result.outcome)}
+        return reply
+
     # -- invoking ------------------------------------------------------------------------------
 
-    async def invoke(self, cvm: CVM, invocation: Invocation) -> Result:
-        """Run one invocation on a ready or idle cVM; timeouts and crashes stop the cVM."""
+    async def invoke(self, cvm: CVM, invocation: Invocation, timeout: float | None = None) -> Result:
+        """Run one invocation on a ready or idle cVM; timeouts and crashes stop the cVM.
+
+        ``timeout`` can only shorten the function's own (a caller's remaining time)."""
         concurrent = cvm.spec.limits.concurrency > 1
         if cvm.state not in (State.READY, State.IDLE) and not (concurrent and cvm.state is State.BUSY):
             raise RuntimeError(f"cVM {cvm.id} is {cvm.state.value}, not ready")
@@ -227,7 +284,7 @@ class Intravisor:
         cvm.busy += 1
         cvm.invocations += 1
         started = time.monotonic()
-        timeout = cvm.spec.limits.timeout
+        timeout = cvm.spec.limits.timeout if timeout is None else min(timeout, cvm.spec.limits.timeout)
         message = self._invoke_message(cvm, invocation, time.time() + timeout)
         if self._invoke_hooks:
             self.pm.hook.capfaas_before_invoke(spec=cvm.spec, invocation_id=invocation.id)
@@ -245,8 +302,12 @@ class Intravisor:
                               "(limit: timeout); its cVM was stopped")
         except (ChannelClosed, ConnectionError):
             how = await self.stop(cvm, "crashed")
-            result = _failure(502, "crashed", "CVMCrashed",
-                              f"function {cvm.spec.name!r} crashed: its cVM {how}{_limit_hint(how)}")
+            if cvm.fault:  # stopped for what it sent while calling another function
+                result = _failure(502, "fault", "CapabilityFault",
+                                  f"function {cvm.spec.name!r} broke the rules and its cVM was stopped: {cvm.fault}")
+            else:
+                result = _failure(502, "crashed", "CVMCrashed",
+                                  f"function {cvm.spec.name!r} crashed: its cVM {how}{_limit_hint(how)}")
         except (ProtocolViolation, CapabilityFault) as exc:
             await self.stop(cvm, "fault")
             result = _failure(502, "fault", type(exc).__name__,
@@ -268,7 +329,7 @@ class Intravisor:
             body = self.place(cvm, body)
         return {"op": "invoke", "id": invocation.id, "method": invocation.method, "path": invocation.path,
                 "query": invocation.query, "headers": invocation.headers, "body": body, "length": length,
-                "deadline": deadline}
+                "deadline": deadline, "chain": invocation.chain}
 
     def _result(self, cvm: CVM, reply: dict[str, Any]) -> Result:
         if reply.get("op") != "result":

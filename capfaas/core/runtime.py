@@ -21,7 +21,7 @@ from typing import Any
 from . import wire
 from .capability import Capability, representable_alignment_mask
 from .perms import Perm
-from .handlers import Context, Event, HandlerResultError, adapt
+from .handlers import CallResult, Context, Event, FunctionCallError, HandlerResultError, adapt
 from .spec import FunctionSpec
 
 INLINE_LIMIT = 64 << 10
@@ -125,6 +125,11 @@ class Runtime:
         self.region = region
         self.unpacker = wire.unpacker(max_buffer_size=1 << 31)  # the intravisor is trusted
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._chains: dict[str, list[str]] = {}
+        """Per invocation, the functions that called their way here (to stop cycles and depth)."""
+        self._next_call = 0
+        self._calls: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._sending: asyncio.Lock | None = None
         self.logger = logging.getLogger(spec.name)
         self.logger.propagate = False
         if not self.logger.handlers:  # a clone inherits its template's logger, handler included
@@ -180,12 +185,12 @@ class Runtime:
         """Several invocations at once, each a task on this cVM's loop; replies go out by id."""
         loop = self.loop
         self.sock.setblocking(False)
-        sending = asyncio.Lock()  # one reply at a time on the socket, never interleaved
+        self._sending = asyncio.Lock()  # one message at a time on the socket, never interleaved
         running: set[asyncio.Task[None]] = set()
 
         async def run(message: dict[str, Any]) -> None:
             reply = await self.invoke_async(message)
-            async with sending:
+            async with self._sending:
                 await loop.sock_sendall(self.sock, _packed(reply))
 
         while data := await loop.sock_recv(self.sock, 1 << 20):
@@ -197,6 +202,8 @@ class Runtime:
                     task = loop.create_task(run(message))
                     running.add(task)
                     task.add_done_callback(running.discard)
+                elif message.get("op") == "called" and message.get("call") in self._calls:
+                    self._calls[message["call"]].set_result(message)
 
     def rehearse(self, rounds: int = 32) -> None:
         """Run the invocation path on a no-op handler, replies discarded.
@@ -225,8 +232,56 @@ class Runtime:
     def _begin(self, message: dict[str, Any]) -> tuple[Event, Context, dict[str, Any]]:
         call_id = message.get("id", "")
         context = Context(self.spec.name, call_id, message.get("deadline", 0.0), self.logger,
-                          share=lambda data: self.region.share(data)[0])
+                          share=lambda data: self.region.share(data)[0], caller=self)
+        self._chains[call_id] = list(message.get("chain") or [])
         return self._event(message), context, {"op": "result", "id": call_id}
+
+    # -- calls to other functions (CAP_Calls) ----------------------------------------------------
+
+    def _call_message(self, context: Context, function: str, data: Any, headers: dict[str, str]) -> dict[str, Any]:
+        self._next_call += 1
+        message: dict[str, Any] = {"op": "call", "call": f"{context.invocation_id}/{self._next_call}",
+                                   "function": function, "headers": dict(headers), "deadline": context.deadline,
+                                   "chain": [*self._chains.get(context.invocation_id, ()), self.spec.name]}
+        if isinstance(data, Capability):
+            message.update(body=data, length=min(max(data.top - data.address, 0), (1 << 64) - 1))
+        else:
+            message["body"] = data.encode() if isinstance(data, str) else bytes(data)
+        return message
+
+    @staticmethod
+    def _call_result(function: str, reply: dict[str, Any]) -> CallResult:
+        error = reply.get("error")
+        if error:
+            raise FunctionCallError(function, str(error.get("type", "Error")), str(error.get("message", "")),
+                                    int(reply.get("status", 500)))
+        return CallResult(int(reply.get("status", 200)), dict(reply.get("headers") or {}), bytes(reply.get("body", b"")))
+
+    def call_function(self, context: Context, function: str, data: Any, headers: dict[str, str]) -> CallResult:
+        """A blocking call: this cVM serves one invocation at a time, so nothing else waits."""
+        if self.spec.limits.concurrency > 1:
+            raise RuntimeError("a handler serving invocations concurrently must use await context.acall(...)")
+        message = self._call_message(context, function, data, headers)
+        self.send(message)
+        while True:
+            reply = self.receive()
+            if reply is None or reply.get("op") == "stop":
+                raise SystemExit(0)  # the intravisor went away or stopped us mid-call
+            if reply.get("op") == "called" and reply.get("call") == message["call"]:
+                return self._call_result(function, reply)
+
+    async def acall_function(self, context: Context, function: str, data: Any, headers: dict[str, str]) -> CallResult:
+        if self.spec.limits.concurrency == 1:
+            return self.call_function(context, function, data, headers)
+        message = self._call_message(context, function, data, headers)
+        answer = self.loop.create_future()
+        self._calls[message["call"]] = answer
+        try:
+            async with self._sending:
+                await self.loop.sock_sendall(self.sock, wire.pack(message))
+            return self._call_result(function, await answer)
+        finally:
+            self._calls.pop(message["call"], None)
 
     def _complete(self, reply: dict[str, Any], value: Any, *, inline: bool) -> dict[str, Any]:
         response = self.convert(value, Capability)
@@ -241,6 +296,7 @@ class Runtime:
             traceback.print_exception(exc)
             stage = "result" if isinstance(exc, HandlerResultError) else "handler"
             reply.update(status=500, error=error_report(stage, exc, self.spec))
+        self._chains.pop(reply.get("id", ""), None)
         _flush(sys.stdout, sys.stderr)  # all of this invocation's output is in the pipes before the reply
         usage = resource.getrusage(resource.RUSAGE_SELF)
         reply["rss"] = usage.ru_maxrss * 1024

@@ -17,7 +17,7 @@ from typing import Any
 
 import pluggy
 
-from capfaas.core.intravisor import Intravisor
+from capfaas.core.intravisor import Intravisor, Invocation, Result
 from capfaas.core.spec import FunctionSpec
 from capfaas.plugins.pooling import Scaling
 from capfaas.registry import DeploymentRecord, InvalidInput, NotFound, Registry, VersionInfo, check_bundle
@@ -93,6 +93,7 @@ class FunctionService:
         self._lock = asyncio.Lock()
         self._make_pool = pm.hook.capfaas_pool_factory()
         self._reaper: asyncio.Task[None] | None = None
+        intravisor.router = self.call
 
     def start_reaper(self) -> None:
         """Scale idle instances down (to zero) in the background, once a second."""
@@ -180,6 +181,19 @@ class FunctionService:
             if deployed is not None:
                 await deployed.pool.close()
             return True
+
+    async def call(self, name: str, invocation: Invocation, timeout: float) -> Result:
+        """One function calling another (CAP_Calls): an instance of ``name``'s current version."""
+        deployed = self.live.get(name)
+        if deployed is None:
+            raise LookupError(f"no function named {name!r} is deployed")
+        cvm, _ = await deployed.pool.acquire()
+        try:
+            deployed.invocations += 1
+            result = await self.intravisor.invoke(cvm, invocation, timeout)
+            return replace(result, body=bytes(result.body))  # the instance's memory is reused once released
+        finally:
+            deployed.pool.release(cvm)
 
     def get(self, name: str) -> Deployed | None:
         return self.live.get(name)

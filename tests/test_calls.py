@@ -1,0 +1,134 @@
+"""CAP_Calls: one function calling another through the intravisor, without HTTP."""
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .gateway_support import deploy, running_gateway
+
+ADDER = """
+def handle(event, context):
+    numbers = event.json()
+    return {"body": {"sum": sum(numbers), "called_by_header": event.headers.get("X-From")}}
+"""
+
+CALLER = """
+def handle(event, context):
+    answer = context.call("adder", event.body, headers={"X-From": context.function_name})
+    return {"statusCode": answer.status, "body": {"via": context.function_name, "answer": answer.json()}}
+"""
+
+FAILING = """
+def handle(event, context):
+    raise ValueError("no numbers today")
+"""
+
+ERRORS = """
+from capfaas.core.handlers import FunctionCallError
+def handle(event, context):
+    try:
+        context.call(event.text)
+    except FunctionCallError as exc:
+        return {"body": {"function": exc.function, "kind": exc.kind, "status": exc.status, "message": str(exc)}}
+    return "no error"
+"""
+
+LOOP = """
+def handle(event, context):
+    return context.call(event.text or "loop").body
+"""
+
+LARGE = """
+def handle(event, context):
+    payload = bytes(range(256)) * 8192  # 2 MiB: handed over as a capability to this cVM's memory
+    answer = context.call("measure", context.share(payload))
+    return answer.body
+"""
+
+MEASURE = """
+import hashlib
+def handle(event, context):
+    return {"body": {"bytes": len(event.body), "sha256": hashlib.sha256(event.body).hexdigest()}}
+"""
+
+ASYNC_CALLER = """
+import asyncio
+async def handle(event, context):
+    answers = await asyncio.gather(*(context.acall("adder", f"[{i}, {i}]") for i in range(4)))
+    return {"body": [a.json()["sum"] for a in answers]}
+"""
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Any]:
+    async with running_gateway(tmp_path / "state") as (gateway, client):
+        for name, source in (("adder", ADDER), ("caller", CALLER), ("failing", FAILING), ("errors", ERRORS),
+                             ("loop", LOOP), ("large", LARGE), ("measure", MEASURE)):
+            await deploy(client, name, source)
+        yield gateway, client
+
+
+async def invoke(client: Any, name: str, body: bytes = b"") -> tuple[int, Any]:
+    response = await client.post(f"/function/{name}", data=body)
+    return response.status, json.loads(await response.read())
+
+
+async def test_a_function_calls_another(gw: Any) -> None:
+    gateway, client = gw
+    status, body = await invoke(client, "caller", b"[1, 2, 3]")
+    assert status == 200, body
+    assert body == {"via": "caller", "answer": {"sum": 6, "called_by_header": "caller"}}
+    assert gateway.service.live["adder"].invocations == 1
+
+
+async def test_call_errors_name_the_callee(gw: Any) -> None:
+    _, client = gw
+    _, failing = await invoke(client, "errors", b"failing")
+    assert failing["function"] == "failing" and failing["kind"] == "ValueError"
+    assert "no numbers today" in failing["message"] and failing["status"] == 500
+    _, missing = await invoke(client, "errors", b"nowhere")
+    assert missing["kind"] == "FunctionNotFound" and missing["status"] == 404
+
+
+async def test_cycles_are_refused(gw: Any) -> None:
+    _, client = gw
+    status, body = await invoke(client, "loop")
+    assert status == 500
+    assert body["type"] == "FunctionCallError" and "CallCycle" in body["message"]
+    assert "loop -> loop" in body["message"]
+
+
+async def test_large_data_travels_as_a_capability(gw: Any) -> None:
+    import hashlib
+
+    _, client = gw
+    status, body = await invoke(client, "large")
+    payload = bytes(range(256)) * 8192
+    assert status == 200
+    assert body == {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+async def test_a_forged_capability_argument_is_refused(gw: Any) -> None:
+    _, client = gw
+    forger = ("from capfaas.core.capability import Capability\n"
+              "from capfaas.core.handlers import FunctionCallError\n"
+              "def handle(event, context):\n"
+              "    forged = Capability.root().set_address(0x1000).set_bounds(64)\n"
+              "    return context.call('measure', forged).body\n")
+    await deploy(client, "forger", forger)
+    status, body = await invoke(client, "forger")
+    assert status == 502 and body["type"] == "CapabilityFault"
+    assert "not derivable" in body["message"] and "'forger' broke the rules" in body["message"]
+    status, _ = await invoke(client, "measure")
+    assert status == 200, "the callee was affected by the caller's fault"
+
+
+async def test_async_handlers_call_concurrently(gw: Any) -> None:
+    _, client = gw
+    await deploy(client, "fanout", ASYNC_CALLER, code={"concurrency": 2})
+    status, body = await invoke(client, "fanout")
+    assert status == 200 and body == [0, 2, 4, 6], body
