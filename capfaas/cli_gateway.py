@@ -62,11 +62,16 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 
 
 def deploy(args: argparse.Namespace) -> int:
-    """Deploy a function file (or a directory with handler.py), or update it if it exists."""
-    path = Path(args.path)
-    files, module = bundle_files(path)
-    name = args.name or (path.resolve().name if path.is_dir() else path.stem)
-    check_name(name)
+    """Deploy a function file (or a directory with handler.py), or update it if it exists;
+    with --sequence NAME, PATH lists deployed functions (f1,f2,f3) to run as a pipeline."""
+    if args.sequence:
+        name = check_name(args.sequence)
+        files, module = {}, "handler.py"
+    else:
+        path = Path(args.path)
+        files, module = bundle_files(path)
+        name = args.name or (path.resolve().name if path.is_dir() else path.stem)
+        check_name(name)
     labels = _pairs(args.label, "--label")
     for key, value in (("min", args.min), ("max", args.max)):
         if value is not None:
@@ -76,6 +81,8 @@ def deploy(args: argparse.Namespace) -> int:
         limits["memory"] = args.memory
     code: dict[str, Any] = {"files": {p: base64.b64encode(c).decode() for p, c in files.items()},
                             "module": module, "handler": args.handler, "signature": args.signature}
+    if args.sequence:
+        code = {"sequence": [stage.strip() for stage in args.path.split(",") if stage.strip()]}
     if args.timeout is not None:
         code["timeout"] = args.timeout
     if args.concurrency is not None:
@@ -216,8 +223,10 @@ def register(verbs: argparse._SubParsersAction, add_verb: Any) -> None:
     verb.add_argument("--max-body", type=int, default=256 << 20, help="largest request body in bytes (default: 256 MiB)")
 
     verb = add_verb(verbs, deploy, parents=[common])
-    verb.add_argument("path", metavar="PATH", help="a function file, or a directory with handler.py")
+    verb.add_argument("path", metavar="PATH", help="a function file, or a directory with handler.py "
+                                                   "(with --sequence: the stages, f1,f2,f3)")
     verb.add_argument("--name", help="the function's name (default: the file's or directory's name)")
+    verb.add_argument("--sequence", metavar="NAME", help="deploy NAME as a pipeline of the functions PATH lists")
     verb.add_argument("--handler", default="handle", help="the handler's name (default: handle)")
     verb.add_argument("--signature", default="native", choices=SIGNATURES, help="the handler's style")
     verb.add_argument("--memory", help="memory limit, e.g. 128Mi")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from .gateway_support import deploy, running_gateway
+from .gateway_support import AUTH, deploy, running_gateway
 
 ADDER = """
 def handle(event, context):
@@ -132,3 +132,21 @@ async def test_async_handlers_call_concurrently(gw: Any) -> None:
     await deploy(client, "fanout", ASYNC_CALLER, code={"concurrency": 2})
     status, body = await invoke(client, "fanout")
     assert status == 200 and body == [0, 2, 4, 6], body
+
+
+async def test_a_sequence_hands_each_result_to_the_next_stage(gw: Any) -> None:
+    _, client = gw
+    await deploy(client, "upper", "def handle(event, context):\n    return bytes(event.body).upper()\n")
+    await deploy(client, "reverse", "def handle(event, context):\n    return bytes(event.body)[::-1]\n")
+    response = await client.post("/system/functions", headers=AUTH,
+                                 json={"service": "pipeline", "code": {"sequence": ["upper", "reverse"]}})
+    assert response.status == 202, await response.text()
+    big = b"abc" * (1 << 20)  # 3 MiB: arrives in shared memory, handed to the first stage as a capability
+    response = await client.post("/function/pipeline", data=big)
+    assert response.status == 200 and await response.read() == big.upper()[::-1]
+    missing = await client.post("/system/functions", headers=AUTH,
+                                json={"service": "broken-pipe", "code": {"sequence": ["upper", "nowhere"]}})
+    assert missing.status == 400 and "missing: nowhere" in await missing.text()
+    too_long = await client.post("/system/functions", headers=AUTH,
+                                 json={"service": "long-pipe", "code": {"sequence": ["upper"] * 8}})
+    assert too_long.status == 400 and "at most 7 stages" in await too_long.text()

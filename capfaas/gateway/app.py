@@ -32,6 +32,7 @@ from .async_calls import AsyncCalls, header_text
 from .logs import LogStore
 from .metrics import Metrics, gateway_metrics
 from .openapi import openapi_document
+from .sequences import sequence_handler, stages_of
 from .service import FunctionService
 
 MiB = 1 << 20
@@ -176,7 +177,8 @@ def parse_deployment(body: Any) -> tuple[DeploymentRecord, dict[str, bytes]]:
     """An OpenFaaS FunctionDeployment plus capfaas's ``code`` field, as a record and its files.
 
     ``code`` is ``{"files": {path: base64}, "module": "handler.py", "handler": "handle",
-    "signature": "native", "network": false}``; ``image`` has no meaning here and is only kept.
+    "signature": "native", "network": false}``, or ``{"sequence": [stage, ...]}`` for a pipeline
+    of deployed functions; ``image`` has no meaning here and is only kept.
     """
     if not isinstance(body, dict):
         raise InvalidInput("a deployment must be a JSON object")
@@ -185,6 +187,9 @@ def parse_deployment(body: Any) -> tuple[DeploymentRecord, dict[str, bytes]]:
         raise InvalidInput("'service' (the function name) is required")
     check_name(service)
     code = body.get("code")
+    if isinstance(code, dict) and "sequence" in code:  # a pipeline of deployed functions
+        code = {**code, "files": {"handler.py": base64.b64encode(sequence_handler(stages_of(code["sequence"]))).decode()},
+                "module": "handler.py", "handler": "handle", "signature": "native"}
     if not isinstance(code, dict) or not isinstance(code.get("files"), dict) or not code["files"]:
         raise InvalidInput("'code.files' must map file paths to base64 contents")
     files: dict[str, bytes] = {}
@@ -242,7 +247,12 @@ async def deploy_function(request: web.Request) -> web.Response:
     gateway = _gateway(request)
     replace = request.method == "PUT"
     try:
-        record, files = parse_deployment(await _json_body(request, 2 * gateway.settings.max_bundle))
+        body = await _json_body(request, 2 * gateway.settings.max_bundle)
+        record, files = parse_deployment(body)
+        stages = body["code"].get("sequence") or [] if isinstance(body.get("code"), dict) else []
+        missing = [stage for stage in stages if gateway.service.get(stage) is None]
+        if missing:
+            return _text(400, f"the sequence's stages must be deployed first; missing: {', '.join(missing)}")
         info = await gateway.service.deploy(record, files, replace=replace,
                                             max_bundle_bytes=gateway.settings.max_bundle)
     except FunctionLoadError as exc:
