@@ -26,6 +26,8 @@ from .spec import FunctionSpec
 
 INLINE_LIMIT = 64 << 10
 """Bodies up to this size travel inside the control message; larger ones as capabilities."""
+CALL_INLINE_MAX = 4 << 20
+"""The largest call argument a concurrent cVM may send inside a control message."""
 
 
 @dataclass
@@ -243,10 +245,19 @@ class Runtime:
         message: dict[str, Any] = {"op": "call", "call": f"{context.invocation_id}/{self._next_call}",
                                    "function": function, "headers": dict(headers), "deadline": context.deadline,
                                    "chain": [*self._chains.get(context.invocation_id, ()), self.spec.name]}
+        if isinstance(data, str):
+            data = data.encode()
+        if not isinstance(data, Capability) and len(data) > INLINE_LIMIT:
+            if self.spec.limits.concurrency > 1:  # no heap to spare: it must fit a control message
+                if len(data) > CALL_INLINE_MAX:
+                    raise ValueError(f"call data above {CALL_INLINE_MAX} bytes needs a capability from "
+                                     "context.share, or concurrency 1")
+            else:
+                data = self.region.share(data)[0]  # into this cVM's memory once; the callee reads it there
         if isinstance(data, Capability):
             message.update(body=data, length=min(max(data.top - data.address, 0), (1 << 64) - 1))
         else:
-            message["body"] = data.encode() if isinstance(data, str) else bytes(data)
+            message["body"] = bytes(data)
         return message
 
     @staticmethod
