@@ -588,8 +588,9 @@ def test_os_layers_refuse_when_the_audit_hook_is_bypassed(area: Area) -> None:
 def test_a_template_forks_and_its_sealed_children_cannot(area: Area) -> None:
     out = run_cvm(area.bundle, FIND_GUARD + textwrap.dedent("""
         import signal
+        attempt("template_code_forks", os.fork)  # function code in a template: the audit rule holds
         r, w = os.pipe()
-        pid = os.fork()  # the template forks a cVM
+        pid = libos.fork()  # the template forks a cVM
         if pid == 0:
             results.clear()
             mapped = []
@@ -609,6 +610,7 @@ def test_a_template_forks_and_its_sealed_children_cannot(area: Area) -> None:
         results["child"] = json.loads(os.read(r, 1 << 16))
         results["child_status"] = status
     """), before="import gc, mmap as saved_mmap", allow_fork=True)
+    assert_denied(out["template_code_forks"], Rule.FORK)
     child = out["child"]
     assert out["child_status"] == 0
     assert child["mapped_in_prepare"] == [4096]

@@ -226,3 +226,11 @@ async def test_concurrency_needs_an_async_handler(intravisor, bundles) -> None:
     with pytest.raises(FunctionLoadError, match="concurrency 2 needs an async def handler"):
         await pool.acquire()
     await pool.close()
+
+
+async def test_init_code_in_a_template_cannot_fork(intravisor, bundles) -> None:
+    pool = FunctionPool(intravisor, spec(bundles, "forker", "import os\ndef init():\n    os.fork()\n"
+                                                            "def handle(e, c):\n    return 'ok'\n"), Scaling())
+    with pytest.raises(FunctionLoadError, match="PermissionError.*fork"):
+        await pool.acquire()
+    await pool.close()

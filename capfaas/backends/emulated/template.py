@@ -179,7 +179,7 @@ def run_function_template(message: dict[str, Any], control_fd: int, libos: Any) 
                 for fd in fds:
                     os.close(fd)
                 continue
-            pid = os.fork()
+            pid = libos.fork()
             if pid == 0:
                 status = 70
                 try:

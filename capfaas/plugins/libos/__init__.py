@@ -150,7 +150,7 @@ class LibraryOS:
         sys.dont_write_bytecode = True  # the bundle is read-only: no __pycache__ to write
         applied.append(Layer("environment", f"environment replaced ({len(policy.env)} function variables), random reseeded"))
 
-        guard = AuditGuard(view, policy, fork_allowed=allow_fork)
+        guard = AuditGuard(view, policy, fork_allowed=False)  # only LibraryOS.fork() forks, see there
         sys.addaudithook(guard.hook)
         for name in [n for n in sys.modules if n in RAW_MEMORY_MODULES or n.startswith(("ctypes.", "cffi."))]:
             del sys.modules[name]  # a cached module would skip the import check
@@ -158,6 +158,20 @@ class LibraryOS:
                                            "extensions refused with the rule named"))
         self._guard, self._policy = guard, policy
         return Enforcement(tuple(applied), tuple(unavailable))
+
+    def fork(self) -> int:
+        """The template's own fork of an instance (``os.fork`` semantics).
+
+        In a template entered with ``allow_fork=True`` the kernel allows fork until ``seal()``,
+        but the audit rule refuses it to everything else: function code in the template (its
+        import, ``init()``) cannot fork through Python."""
+        if self._guard is None:
+            raise RuntimeError("fork() is for a process confined with enter(allow_fork=True)")
+        self._guard.fork_allowed = True
+        try:
+            return os.fork()
+        finally:
+            self._guard.fork_allowed = False  # in the parent and in the child alike
 
     def seal(self, prepare: Callable[[], object] | None = None) -> None:
         """In a child forked from a template entered with ``allow_fork=True``: no more forks, and
