@@ -14,7 +14,6 @@ from capfaas.core.handlers import (
     adapt,
     lambda_event,
     normalise,
-    parse_query,
 )
 from capfaas.core.spec import FunctionSpec, Limits, SpecError
 
@@ -85,7 +84,6 @@ def test_lambda_style() -> None:
 
 def test_event_helpers() -> None:
     assert event(b'{"a": [1]}').json() == {"a": [1]}
-    assert parse_query("a=1&b=&a=2") == {"a": "2", "b": ""}
 
 
 def test_spec_validation(tmp_path) -> None:

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs
 
 Body = bytes | memoryview
 
@@ -222,8 +221,3 @@ def adapt(handler: Callable[..., Any], signature: str) -> tuple[Callable[[Event,
     if signature == "lambda":
         return (lambda event, context: handler(lambda_event(event), context)), _lambda_result
     raise ValueError(f"unknown handler signature {signature!r}")
-
-
-def parse_query(query: str) -> dict[str, str]:
-    """The last value of each query parameter, as python3-http hands them to ``event.query``."""
-    return {key: values[-1] for key, values in parse_qs(query, keep_blank_values=True).items()}
