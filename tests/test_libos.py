@@ -11,7 +11,6 @@ import errno
 import importlib.machinery
 import json
 import os
-import re
 import shutil
 import socket
 import struct

@@ -30,7 +30,7 @@ from capfaas.registry import (AlreadyExists, BundleTooLarge, DeploymentRecord, I
 
 from .async_calls import AsyncCalls, header_text
 from .logs import LogStore
-from .metrics import Metrics, gateway_metrics
+from .metrics import Metrics
 from .openapi import openapi_document
 from .sequences import sequence_handler, stages_of
 from .service import FunctionService
