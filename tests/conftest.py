@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -70,3 +73,24 @@ def memory(impl: HotPath) -> Any:
     mem = impl.TaggedMemory(1 << 20)
     yield mem
     mem.close()
+
+
+@pytest.fixture
+def bundles() -> Iterator[Path]:
+    """Function bundles outside /tmp, where they live in production: a cVM's /tmp is its own tmpfs,
+    which would hide another function's files instead of showing that reading them is denied."""
+    root = Path(tempfile.mkdtemp(prefix="capfaas-test-", dir="/var/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def intravisor() -> AsyncIterator[Any]:
+    """A started intravisor on the emulated backend, with 1 GiB regions."""
+    from capfaas.backends.emulated.backend import EmulatedBackend
+    from capfaas.core.intravisor import Intravisor
+    from capfaas.plugin_manager import make_plugin_manager
+
+    async with Intravisor(EmulatedBackend(), make_plugin_manager(autoload=False),
+                          segment_size=64 << 30, region_size=1 << 30) as iv:
+        yield iv

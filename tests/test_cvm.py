@@ -6,38 +6,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import signal
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from capfaas.backends.emulated.backend import EmulatedBackend
 from capfaas.core.cvm import State
 from capfaas.core.intravisor import FunctionLoadError, Intravisor, Invocation
 from capfaas.core.spec import FunctionSpec, Limits
-from capfaas.plugin_manager import make_plugin_manager
 
-GiB = 1 << 30
 
 
 @pytest.fixture
-def tmp_path() -> Path:
-    """Bundles outside /tmp, where they live in production: a cVM's /tmp is its own tmpfs, which
-    would hide another function's files instead of showing that reading them is denied."""
-    root = Path(tempfile.mkdtemp(prefix="capfaas-test-", dir="/var/tmp"))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-async def intravisor() -> AsyncIterator[Intravisor]:
-    async with Intravisor(EmulatedBackend(), make_plugin_manager(autoload=False),
-                          segment_size=16 * GiB, region_size=GiB) as iv:
-        yield iv
+def tmp_path(bundles: Path) -> Path:
+    """The bundles live outside /tmp (see conftest's ``bundles``)."""
+    return bundles
 
 
 def write_function(root: Path, name: str, code: str, timeout: float = 5.0) -> FunctionSpec:

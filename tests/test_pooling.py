@@ -2,37 +2,17 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from capfaas.backends.emulated.backend import EmulatedBackend
 from capfaas.core.cvm import State
-from capfaas.core.intravisor import FunctionLoadError, Intravisor, Invocation
+from capfaas.core.intravisor import FunctionLoadError, Invocation
 from capfaas.core.spec import FunctionSpec, Limits
-from capfaas.plugin_manager import make_plugin_manager
 from capfaas.plugins.pooling import BudgetExhausted, FunctionPool, PoolBusy, Scaling, budget_of
 
-GiB = 1 << 30
-
-
-@pytest.fixture
-def bundles() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="capfaas-pool-", dir="/var/tmp"))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-async def intravisor() -> AsyncIterator[Intravisor]:
-    async with Intravisor(EmulatedBackend(), make_plugin_manager(autoload=False),
-                          segment_size=64 * GiB, region_size=GiB) as iv:
-        yield iv
 
 
 def spec(root: Path, name: str, code: str, **limits: object) -> FunctionSpec:
