@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 
 CHUNK = 64 << 10
 
@@ -40,8 +41,7 @@ class Stream:
             self.dropped += max(0, len(chunk) - max(room, 0))
 
     def take(self) -> bytes:
-        """What was written since the last take, with a marker if some of it was dropped."""
-        self.read_available()
+        """What was read since the last take, with a marker if some of it was dropped."""
         data = bytes(self.kept)
         if self.dropped:
             data += f"\n[truncated {self.dropped} bytes]\n".encode()
@@ -56,10 +56,18 @@ class Console:
     def __init__(self, stdout_fd: int, stderr_fd: int, limit: int) -> None:
         self.streams = (Stream(stdout_fd, limit), Stream(stderr_fd, limit))
         self.loop = asyncio.get_running_loop()
+        self.pending = select.poll()
         for stream in self.streams:
             self.loop.add_reader(stream.fd, stream.read_available)
+            self.pending.register(stream.fd, select.POLLIN)
 
     def take(self) -> tuple[bytes, bytes]:
+        """What each stream got since the last take. One poll, rather than a read per stream,
+        finds out whether anything is still in the pipes: usually nothing is."""
+        for fd, _ in self.pending.poll(0):
+            for stream in self.streams:
+                if stream.fd == fd:
+                    stream.read_available()
         stdout, stderr = self.streams
         return stdout.take(), stderr.take()
 
@@ -70,6 +78,7 @@ class Console:
                 continue
             stream.read_available()
             self.loop.remove_reader(stream.fd)
+            self.pending.unregister(stream.fd)
             os.close(stream.fd)
             stream.closed = True
 
