@@ -792,3 +792,18 @@ async def test_a_full_asynchronous_queue_is_429(tmp_path: Path) -> None:
         assert statuses[:2] == [202, 202] and 429 in statuses, statuses
         assert gateway.async_calls is not None
         await asyncio.wait_for(gateway.async_calls.queue.join(), 10)  # the accepted ones ran
+
+
+async def test_the_asynchronous_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path / "state", async_queue_bytes=3 << 20, async_workers=1) as (gateway, client):
+        await deploy(client, "sleepy", SLEEPY)
+        statuses = []
+        for _ in range(4):
+            response = await client.post("/async-function/sleepy?seconds=0.3", data=bytes(1 << 20))
+            statuses.append(response.status)
+            if response.status == 429:
+                assert "3145728 bytes of bodies" in await response.text()
+        assert statuses[:3] == [202, 202, 202] and statuses[3] == 429, statuses
+        assert gateway.async_calls is not None
+        await asyncio.wait_for(gateway.async_calls.queue.join(), 10)
+        assert gateway.async_calls.queued_bytes == 0

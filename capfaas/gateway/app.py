@@ -55,6 +55,7 @@ class Settings:
     first request's headers (aiohttp's own default is an hour: a slow-headers client's delight)."""
     queue: int = 64
     async_queue: int = 1024
+    async_queue_bytes: int = 1 << 30
     async_workers: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
 

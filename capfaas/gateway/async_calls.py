@@ -49,9 +49,12 @@ class AsyncCalls:
     """The queue and the workers that drain it."""
 
     def __init__(self, invoke: Any, size: int, workers: int, backoff: float = 0.5,
-                 max_body: int = 256 << 20) -> None:
+                 max_body: int = 256 << 20, max_bytes: int = 1 << 30) -> None:
         self.invoke = invoke
         self.max_body = max_body
+        self.max_bytes = max_bytes
+        """Bytes of bodies the queue may hold at once: it is bounded in memory, not only in calls."""
+        self.queued_bytes = 0
         """``await invoke(queued) -> (status, headers, body, duration)``."""
         self.queue: asyncio.Queue[Queued] = asyncio.Queue(maxsize=size)
         self.backoff = backoff
@@ -68,6 +71,8 @@ class AsyncCalls:
                 return web.Response(status=400, text=f"X-Callback-Url must be an http(s) URL, got {callback!r}\n")
         if request.content_length is not None and request.content_length > self.max_body:
             return web.Response(status=413, text=f"request body larger than {self.max_body} bytes\n")
+        if self.queued_bytes + (request.content_length or 0) > self.max_bytes:
+            return self._full("bytes")
         chunks: list[bytes] = []
         size = 0
         while chunk := await request.content.readany():  # not request.read(): client_max_size is for deploys
@@ -79,11 +84,19 @@ class AsyncCalls:
                    if k.lower() not in ("authorization", "host", "connection")}
         queued = Queued(call_id, name, request.method, "/" + request.match_info.get("path", ""),
                         dict(request.query), headers, b"".join(chunks), url)
+        if self.queued_bytes + len(queued.body) > self.max_bytes:
+            return self._full("bytes")
         try:
             self.queue.put_nowait(queued)
         except asyncio.QueueFull:
-            return web.Response(status=429, text="the asynchronous queue is full\n", headers={"Retry-After": "1"})
+            return self._full("calls")
+        self.queued_bytes += len(queued.body)
         return web.Response(status=202, headers={"X-Call-Id": call_id, "X-Served-By": "capfaas"})
+
+    def _full(self, what: str) -> web.Response:
+        limit = f"{self.max_bytes} bytes of bodies" if what == "bytes" else f"{self.queue.maxsize} calls"
+        return web.Response(status=429, text=f"the asynchronous queue is full (it holds at most {limit})\n",
+                            headers={"Retry-After": "1"})
 
     async def _work(self) -> None:
         while True:
@@ -95,6 +108,7 @@ class AsyncCalls:
             except Exception:  # one failed call must not stop the worker
                 log.exception("asynchronous call %s to %s failed", queued.call_id, queued.name)
             finally:
+                self.queued_bytes -= len(queued.body)
                 self.queue.task_done()
 
     async def _deliver(self, queued: Queued, status: int, headers: dict[str, str], body: bytes, duration: float) -> None:

@@ -39,7 +39,8 @@ async def open_gateway(settings: Settings, backend: str = "auto") -> Gateway:
     service = FunctionService(registry, intravisor, pm, settings.state_dir, queue=settings.queue)
     gateway = Gateway(settings, service, intravisor, pm, gateway_metrics(), LogStore())
     gateway.async_calls = AsyncCalls(lambda queued: _invoke_queued(gateway, queued),
-                                     settings.async_queue, settings.async_workers, max_body=settings.max_body)
+                                     settings.async_queue, settings.async_workers, max_body=settings.max_body,
+                                     max_bytes=settings.async_queue_bytes)
     await service.restore()
     service.start_reaper()
     return gateway
