@@ -35,7 +35,7 @@ from .credentials import ensure_state_dir
 
 DB_FILE = "registry.sqlite3"
 BUNDLES_DIR = "bundles"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_MAX_FILES = 1000
 DEFAULT_MAX_BUNDLE_BYTES = 64 << 20
 MAX_SECRET_BYTES = 1 << 20
@@ -345,7 +345,15 @@ def _migrate_0_to_1(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
-MIGRATIONS = (_migrate_0_to_1,)
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    db.execute("""
+        CREATE TABLE warm (
+            name TEXT PRIMARY KEY REFERENCES functions(name),
+            replicas INTEGER NOT NULL CHECK (replicas >= 0)   -- set by scale-function
+        )""")
+
+
+MIGRATIONS = (_migrate_0_to_1, _migrate_1_to_2)
 """``MIGRATIONS[n]`` takes the schema from version ``n`` to ``n + 1``; ``len(MIGRATIONS) == SCHEMA_VERSION``."""
 
 _VERSION_COLUMNS = "v.name, v.version, v.created_at, f.created_at, v.record"
@@ -437,6 +445,19 @@ class Registry:
 
     # --- functions ---
 
+    def set_warm(self, name: str, replicas: int) -> None:
+        """Remember the warm count scale-function set, so a restart keeps it."""
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM functions WHERE name = ? AND deleted = 0", (name,)).fetchone() is None:
+                raise NotFound(f"function {name!r} does not exist")
+            db.execute("INSERT INTO warm (name, replicas) VALUES (?, ?) "
+                       "ON CONFLICT (name) DO UPDATE SET replicas = excluded.replicas", (name, replicas))
+
+    def warm(self, name: str) -> int | None:
+        """The warm count scale-function last set for ``name``, if any (cleared by a delete)."""
+        rows = self._read("SELECT replicas FROM warm WHERE name = ?", (name,))
+        return rows[0][0] if rows else None
+
     def deploy(self, record: DeploymentRecord, files: Mapping[str, bytes], *, replace: bool,
                max_files: int = DEFAULT_MAX_FILES,
                max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> VersionInfo:
@@ -506,6 +527,7 @@ class Registry:
         """Stop serving ``name``; whether it was live. Its versions stay for running invocations
         until ``prune``, and its numbering continues if it is deployed again."""
         with self._write() as db:
+            db.execute("DELETE FROM warm WHERE name = ?", (name,))
             return db.execute("UPDATE functions SET deleted = 1 WHERE name = ? AND NOT deleted",
                               (name,)).rowcount == 1
 

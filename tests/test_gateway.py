@@ -807,3 +807,19 @@ async def test_the_asynchronous_queue_is_bounded_in_bytes(tmp_path: Path) -> Non
         assert gateway.async_calls is not None
         await asyncio.wait_for(gateway.async_calls.queue.join(), 10)
         assert gateway.async_calls.queued_bytes == 0
+
+
+async def test_the_warm_count_survives_a_restart(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path / "state") as (_, client):
+        await deploy(client, "echo", ECHO)
+        response = await system(client, "POST", "/system/scale-function/echo", json={"serviceName": "echo", "replicas": 2})
+        assert response.status == 202
+    async with running_gateway(tmp_path / "state") as (gateway, client):
+        for _ in range(100):
+            if gateway.service.live["echo"].pool.replicas == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert gateway.service.live["echo"].pool.replicas == 2
+        assert gateway.service.registry.warm("echo") == 2
+        await system(client, "DELETE", "/system/functions", json={"functionName": "echo"})
+        assert gateway.service.registry.warm("echo") is None

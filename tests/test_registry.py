@@ -621,3 +621,17 @@ def test_kill_in_the_middle_of_materialize_leaves_no_half_bundle(tmp_path: Path)
     assert os.listdir(parent) == ["1"]
     found = {p.relative_to(bundle).as_posix(): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
     assert found == files
+
+
+def test_the_warm_count_is_kept_until_a_delete(tmp_path: Path) -> None:
+    with Registry(tmp_path) as registry:
+        registry.deploy(DeploymentRecord(name="fn"), {"handler.py": b"def handle(e, c): pass\n"}, replace=False)
+        assert registry.warm("fn") is None
+        registry.set_warm("fn", 3)
+        registry.set_warm("fn", 2)
+    with Registry(tmp_path) as registry:
+        assert registry.warm("fn") == 2
+        with pytest.raises(NotFound):
+            registry.set_warm("other", 1)
+        registry.delete("fn")
+        assert registry.warm("fn") is None

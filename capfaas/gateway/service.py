@@ -121,7 +121,11 @@ class FunctionService:
     async def _activate(self, info: VersionInfo) -> Deployed:
         bundle = await asyncio.to_thread(self.registry.materialize, info.name, info.version)
         spec = self._spec(info, bundle)
-        pool = self._make_pool(self.intravisor, spec, scaling_of(info.record.labels, self.queue))
+        scaling = scaling_of(info.record.labels, self.queue)
+        warm = self.registry.warm(info.name)
+        if warm is not None:  # scale-function outlives restarts and new versions, until a delete
+            scaling = replace(scaling, min=min(warm, scaling.max))
+        pool = self._make_pool(self.intravisor, spec, scaling)
         deployed = Deployed(info, spec, pool)
         previous = self.live.get(info.name)
         self.live[info.name] = deployed
@@ -201,6 +205,7 @@ class FunctionService:
     async def scale(self, name: str, replicas: int) -> None:
         """Set the warm count (OpenFaaS's scale-function), within the function's maximum."""
         deployed = self.live[name]
+        await asyncio.to_thread(self.registry.set_warm, name, replicas)
         pool = deployed.pool
         pool.scaling = replace(pool.scaling, min=min(replicas, pool.scaling.max))
         await pool.scale_to(replicas)
