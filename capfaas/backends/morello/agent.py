@@ -26,13 +26,12 @@ from typing import Any
 
 from capfaas import __version__
 from capfaas.core import wire
-from capfaas.core.capability import Capability
 from capfaas.core.runtime import Region, Runtime, error_report, load_handler
 from capfaas.core.spec import FunctionSpec, Limits
 
 from . import markers
 from .capture import OutputCapture
-from .channel import CAPABILITY_MARK, hello_line
+from .channel import CAPABILITY_MARK, hello_line, inline_capabilities
 from .staging import StagingMemory
 
 CONNECT_TIMEOUT = 30.0
@@ -58,7 +57,7 @@ class AgentChannel:
         if self.capture.drain():
             self._console_sync()
         if CAPABILITY_MARK in data and self.memory is not None:
-            data = self._inline(data)
+            data = inline_capabilities(data, self.memory)
         self.sock.sendall(data)
 
     def receive_one(self) -> dict[str, Any]:
@@ -94,19 +93,6 @@ class AgentChannel:
                     self._stash += bytes(kept) + bytes(buffer[unpacker.tell():])
                     return
                 kept += wire.pack(message)
-
-    def _inline(self, data: bytes) -> bytes:
-        unpacker = wire.unpacker(max_buffer_size=max(len(data), 1 << 20))
-        unpacker.feed(data)
-        out = bytearray()
-        for message in unpacker:
-            body = message.get("body") if isinstance(message, dict) else None
-            if isinstance(body, Capability):
-                length = message.pop("length", None)
-                length = body.length if length is None else length
-                message["body"] = self.memory.view(body, body.address, length).tobytes()
-            out += wire.pack(message)
-        return bytes(out)
 
 
 def spec_from_wire(data: dict[str, Any], bundle: Path) -> FunctionSpec:

@@ -31,6 +31,22 @@ CAPABILITY_MARK = b"\xc7\x11\x01"
 """How msgpack encodes a capability (ext 8, 17 bytes, type 1): a write without it carries none."""
 
 
+
+def inline_capabilities(data: bytes, memory: Any) -> bytes:
+    """Replace each capability body in ``data`` (packed messages) with the bytes it points to in
+    ``memory``: on Morello the other side cannot map this process's memory, so payloads go inline."""
+    unpacker = wire.unpacker(max_buffer_size=max(len(data), 1 << 20))
+    unpacker.feed(data)
+    out = bytearray()
+    for message in unpacker:
+        body = message.get("body") if isinstance(message, dict) else None
+        if isinstance(body, Capability):
+            length = message.pop("length", None)
+            length = body.length if length is None else length
+            message["body"] = memory.view(body, body.address, length).tobytes()
+        out += wire.pack(message)
+    return bytes(out)
+
 class HandshakeError(Exception):
     """An agent's first line was not a valid hello for a pending cVM."""
 
@@ -74,22 +90,8 @@ class InliningWriter:
 
     def write(self, data: bytes) -> None:
         if CAPABILITY_MARK in data:
-            data = self._inline(data)
+            data = inline_capabilities(data, self._memory)
         self._writer.write(data)
-
-    def _inline(self, data: bytes) -> bytes:
-        unpacker = wire.unpacker(max_buffer_size=max(len(data), 1 << 20))
-        unpacker.feed(data)
-        out = bytearray()
-        for message in unpacker:
-            body = message.get("body") if isinstance(message, dict) else None
-            if isinstance(body, Capability):
-                length = message.get("length")
-                length = body.length if length is None else length
-                message["body"] = self._memory.view(body, body.address, length).tobytes()
-                message.pop("length", None)
-            out += wire.pack(message)
-        return bytes(out)
 
     async def drain(self) -> None:
         await self._writer.drain()
