@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import json
 import re
 import socket
 import time
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -539,6 +541,22 @@ async def test_a_reader_that_stalls_gives_the_instance_back(tmp_path: Path) -> N
 
 # -- asynchronous invocations ----------------------------------------------------------------------
 
+@contextlib.asynccontextmanager
+async def callback_server(callback: Any) -> AsyncIterator[str]:
+    """A real HTTP server on loopback that answers POST /cb with ``callback``; yields its URL."""
+    app = web.Application()
+    app.router.add_post("/cb", callback)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/cb"
+    finally:
+        await runner.cleanup()
+
+
 async def test_async_invocation_posts_the_result_to_the_callback(gw: Any) -> None:
     _, client = gw
     await deploy(client, "echo", ECHO)
@@ -552,17 +570,9 @@ async def test_async_invocation_posts_the_result_to_the_callback(gw: Any) -> Non
         arrived.set()
         return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_post("/cb", callback)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with callback_server(callback) as url:
         response = await client.post("/async-function/echo/sub?x=1", data=b"later",
-                                     headers={"X-Callback-Url": f"http://127.0.0.1:{port}/cb",
-                                              "X-Call-Id": "async-1"})
+                                     headers={"X-Callback-Url": url, "X-Call-Id": "async-1"})
         assert response.status == 202 and response.headers["X-Call-Id"] == "async-1"
         await asyncio.wait_for(arrived.wait(), 10)
         assert len(received) == 2
@@ -582,8 +592,6 @@ async def test_async_invocation_posts_the_result_to_the_callback(gw: Any) -> Non
         response = await client.post("/async-function/echo", headers={"X-Callback-Url": "not a url"})
         assert response.status == 400
         assert (await client.post("/async-function/nope")).status == 404
-    finally:
-        await runner.cleanup()
 
 
 async def test_async_failures_reach_the_callback_as_statuses(gw: Any) -> None:
@@ -595,22 +603,12 @@ async def test_async_failures_reach_the_callback_as_statuses(gw: Any) -> None:
         await got.put((dict(request.headers), await request.read()))
         return web.Response()
 
-    app = web.Application()
-    app.router.add_post("/cb", callback)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        response = await client.post("/async-function/failing?what=raise",
-                                     headers={"X-Callback-Url": f"http://127.0.0.1:{port}/cb"})
+    async with callback_server(callback) as url:
+        response = await client.post("/async-function/failing?what=raise", headers={"X-Callback-Url": url})
         assert response.status == 202
         headers, body = await asyncio.wait_for(got.get(), 10)
         assert headers["X-Function-Status"] == "500"
         assert json.loads(body)["type"] == "ValueError"
-    finally:
-        await runner.cleanup()
 
 
 # -- logs ----------------------------------------------------------------------------------------
