@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -56,6 +57,9 @@ class CVMProcess(abc.ABC):
     writer: asyncio.StreamWriter
     pid: int | None
     console: Console
+    grant_channel: socket.socket | None = None
+    """Where descriptors of shared objects granted to the cVM go; None where the backend cannot
+    pass them (each payload is then copied into the cVM's region)."""
 
     @abc.abstractmethod
     def kill(self) -> None:

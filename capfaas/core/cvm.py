@@ -13,6 +13,10 @@ from .capability import Capability
 from .spec import FunctionSpec
 
 
+REQUESTS = frozenset({"call", "buffer", "file"})
+"""What a cVM may ask the intravisor mid-invocation; the answer is a ``called`` message."""
+
+
 class State(enum.Enum):
     STARTING = "starting"
     READY = "ready"
@@ -52,13 +56,19 @@ class CVM:
     """Invocations handed to this cVM and not yet released by whoever acquired it (the pool's count)."""
     busy: int = 0
     """Invocations the cVM is running right now (the intravisor's count)."""
-    grants: list[Capability] = field(default_factory=list)
-    """Capabilities the intravisor handed this cVM besides its own region (read-only payloads …)."""
+    grants: dict[int, Capability] = field(default_factory=dict)
+    """Shared objects granted to this cVM besides its own region, by object id, with the
+    capability it holds to each."""
+    transient: set[int] = field(default_factory=set)
+    """Grants of payloads for the running invocation: the cVM unmaps them when it ends."""
+    root: str = ""
+    """The id of the top-level invocation the running one serves (its own, or a caller's)."""
     _unpacker: Any = field(default=None, repr=False)
     _pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict, repr=False)
     _reader: asyncio.Task[None] | None = field(default=None, repr=False)
     on_call: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = field(default=None, repr=False)
-    """Answers a ``call`` the cVM makes to another function (set by the intravisor)."""
+    """Answers a request the cVM makes mid-invocation (a call to another function, a shared
+    buffer, a CAP_File; set by the intravisor)."""
     _calls: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
@@ -67,7 +77,7 @@ class CVM:
     @property
     def authorities(self) -> list[Capability]:
         """What this cVM may legitimately hand back: its DDC and every grant."""
-        return [self.ddc, *self.grants]
+        return [self.ddc, *self.grants.values()]
 
     @property
     def receive_area(self) -> tuple[int, int]:
@@ -85,7 +95,7 @@ class CVM:
             await self.send(message)
             while True:
                 reply = await self.receive()
-                if reply.get("op") != "call":
+                if reply.get("op") not in REQUESTS:
                     return reply
                 self._answer(reply)
         waiter = asyncio.get_running_loop().create_future()
@@ -118,7 +128,7 @@ class CVM:
         try:
             while True:
                 reply = await self.receive()
-                if reply.get("op") == "call":
+                if reply.get("op") in REQUESTS:
                     self._answer(reply)
                     continue
                 waiter = self._pending.get(reply.get("id"))

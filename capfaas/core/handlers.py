@@ -50,6 +50,15 @@ class Context:
     """``share(data)`` places bytes in this cVM's memory and returns a read-only capability to them."""
     caller: Any = field(repr=False, default=None)
     """What carries ``call``/``acall`` to the intravisor (the runtime)."""
+    files: Any = field(repr=False, default=None)
+    """CAP_Files: ``create``, ``open``, ``grant``, ``delete``, ``list`` (also ``open('/cap/NAME')``)."""
+
+    def buffer(self, size: int) -> SharedBuffer:
+        """A writable buffer of ``size`` bytes in shared memory, for this invocation: fill
+        ``.view`` in place, then pass it to ``call`` or return it, and no byte is copied again."""
+        if self.caller is None:
+            raise RuntimeError("this context has no shared memory")
+        return self.caller.buffer(size)
 
     def call(self, function: str, data: Any = b"", headers: dict[str, str] | None = None) -> CallResult:
         """Invoke another deployed function, cVM to cVM through the intravisor (no HTTP).
@@ -80,19 +89,29 @@ class Context:
 
 
 @dataclass(frozen=True)
+class SharedBuffer:
+    """Bytes in shared memory: a read-write capability and the writable view it was checked into."""
+
+    capability: Any
+    view: memoryview
+
+
+@dataclass(frozen=True)
 class CallResult:
-    """What a called function answered."""
+    """What a called function answered. A large ``body`` is a read-only view of shared memory,
+    and ``capability`` the capability to it, to hand on to the next function without a copy."""
 
     status: int
     headers: dict[str, str]
-    body: bytes
+    body: Body
+    capability: Any = None
 
     @property
     def text(self) -> str:
-        return self.body.decode("utf-8", "replace")
+        return bytes(self.body).decode("utf-8", "replace")
 
     def json(self) -> Any:
-        return json.loads(self.body)
+        return json.loads(bytes(self.body))
 
 
 class FunctionCallError(Exception):
@@ -125,7 +144,7 @@ def _body_and_type(body: Any, capability_type: type) -> tuple[Any, str | None]:
         return body.encode(), "text/plain; charset=utf-8"
     if isinstance(body, (bytes, bytearray, memoryview)):
         return body, "application/octet-stream"
-    if isinstance(body, capability_type):
+    if isinstance(body, (capability_type, SharedBuffer)):
         return body, "application/octet-stream"
     if isinstance(body, (dict, list)):
         return json.dumps(body).encode(), "application/json"

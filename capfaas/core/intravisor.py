@@ -19,6 +19,7 @@ from typing import Any
 import pluggy
 
 from .backend import Backend, LaunchRequest, Region, TemplateFailed, TemplateProcess
+from .broker import Broker, FileError, SharingUnavailable
 from .capability import Capability
 from .cvm import CVM, ChannelClosed, ProtocolViolation, State
 from .faults import CapabilityFault, TagFault
@@ -30,6 +31,8 @@ GiB = 1 << 30
 DEFAULT_REGION_SIZE = 1 * GiB
 DEFAULT_SEGMENT_SIZE = 1024 * GiB
 """Address space, not memory: the segment is sparse, and a region costs only what its cVM touches."""
+DEFAULT_SHARED_BUDGET = 4 * GiB
+"""Bytes that shared objects (payload buffers, CAP_Files) may hold together."""
 START_TIMEOUT = 30.0
 READ_ONLY = int(Perm.LOAD | Perm.GLOBAL)
 MAX_CALL_DEPTH = 8
@@ -66,6 +69,8 @@ class Invocation:
     """Send a bytes body inside the control message whatever its size (the copying path)."""
     chain: list[str] = field(default_factory=list)
     """The functions that called their way to this invocation, outermost first."""
+    root: str = ""
+    """The top-level invocation this one serves (empty: it is one), whose end releases its buffers."""
 
 
 @dataclass
@@ -81,13 +86,15 @@ class Result:
     stdout: bytes = b""
     stderr: bytes = b""
     duration: float = 0.0
+    capability: Capability | None = None
+    """The capability to ``body`` when it is a shared object, which can be granted on as it is."""
 
 
 class Intravisor:
     """The monitor of all cVMs on one backend."""
 
-    def __init__(self, backend: Backend, pm: pluggy.PluginManager, *,
-                 segment_size: int = DEFAULT_SEGMENT_SIZE, region_size: int = DEFAULT_REGION_SIZE) -> None:
+    def __init__(self, backend: Backend, pm: pluggy.PluginManager, *, segment_size: int = DEFAULT_SEGMENT_SIZE,
+                 region_size: int = DEFAULT_REGION_SIZE, shared_budget: int = DEFAULT_SHARED_BUDGET) -> None:
         if segment_size % region_size:
             raise ValueError("the segment size must be a multiple of the region size")
         self.backend = backend
@@ -99,6 +106,9 @@ class Intravisor:
         self._free_regions: list[int] = []
         self._next_id = 1
         self.cvms: dict[int, CVM] = {}
+        self.broker = Broker(shared_budget, max_file_size=region_size // 2)
+        """Shared objects: payload buffers handed between cVMs, and CAP_Files."""
+        self.broker.cvms = self.cvms
         self.router: Callable[[str, Invocation, float], Awaitable[Result]] | None = None
         """Runs a call from one function to another by name (set by the gateway's service)."""
         self._invoke_hooks = bool(pm.hook.capfaas_before_invoke.get_hookimpls()
@@ -114,6 +124,7 @@ class Intravisor:
     async def close(self) -> None:
         for cvm in list(self.cvms.values()):
             await self.stop(cvm, "intravisor shutting down")
+        self.broker.close()
         await self.backend.close()
 
     async def __aenter__(self) -> Intravisor:
@@ -154,7 +165,7 @@ class Intravisor:
             self._free_regions.append(region.offset // self.region_size)
             raise
         cvm = CVM(cvm_id, spec, region, ddc, pcc, process)
-        cvm.on_call = lambda call: self._route_call(cvm, call)
+        cvm.on_call = lambda request: self._route_request(cvm, request)
         self.cvms[cvm_id] = cvm
         try:
             async with asyncio.timeout(START_TIMEOUT):
@@ -223,13 +234,33 @@ class Intravisor:
                                   f"[{cap.base:#x}, {cap.top:#x}) is not derivable from cVM {cvm.id}'s authority "
                                   f"(its region is [{cvm.ddc.base:#x}, {cvm.ddc.top:#x}))")
 
+    # -- requests from a running cVM ------------------------------------------------------------
+
+    async def _route_request(self, cvm: CVM, request: dict[str, Any]) -> dict[str, Any]:
+        """A cVM asks mid-invocation: to call a function, for a shared buffer, about a CAP_File."""
+        if request.get("op") == "call":
+            return await self._route_call(cvm, request)
+        reply: dict[str, Any] = {"op": "called", "call": request.get("call")}
+        try:
+            if request.get("op") == "buffer":
+                reply["grant"] = self.broker.buffer(cvm, request.get("size"))  # type: ignore[arg-type]
+            else:
+                reply.update(self.broker.file_request(cvm, request))
+        except FileError as exc:
+            reply["error"] = {"type": exc.kind, "message": str(exc)}
+        except (ValueError, MemoryError, SharingUnavailable) as exc:
+            reply["error"] = {"type": "MemoryError" if isinstance(exc, MemoryError) else type(exc).__name__,
+                              "message": str(exc)}
+        return reply
+
     # -- calls between functions (CAP_Calls) ---------------------------------------------------
 
     async def _route_call(self, caller: CVM, call: dict[str, Any]) -> dict[str, Any]:
         """A cVM calls another function: check the call, run it on an instance, answer the caller.
 
-        A capability argument must come from the caller's own authority; its bytes are copied once,
-        from the caller's region into the callee's (each cVM maps only its own region)."""
+        A capability argument must come from the caller's own authority. One to a shared object is
+        granted to the callee read-only, nothing copied; one into the caller's region is copied once
+        (each cVM maps only its own region). A large result comes back the same ways."""
         name = call.get("function")
         chain = [str(n) for n in call.get("chain") or []]
         reply: dict[str, Any] = {"op": "called", "call": call.get("call")}
@@ -254,7 +285,8 @@ class Intravisor:
                 caller.fault = f"{type(exc).__name__}: {exc}"
                 asyncio.ensure_future(self.stop(caller, "fault"))
                 return failed(403, type(exc).__name__, str(exc))
-            body = self.memory.view(body, body.address, length)
+            if self.broker.find(body, length) is None:
+                body = self.memory.view(body, body.address, length)
         elif not isinstance(body, bytes):
             return failed(400, "BadCall", "a call's data must be bytes or a capability")
         remaining = float(call.get("deadline", 0.0)) - time.time()
@@ -262,14 +294,30 @@ class Intravisor:
             return failed(504, "TimeoutError", f"no time left to call {name!r}")
         headers = call.get("headers") if isinstance(call.get("headers"), dict) else {}
         try:
-            result = await self.router(name, Invocation(method="POST", headers=headers, body=body, chain=chain), remaining)
+            invocation = Invocation(method="POST", headers=headers, body=body, length=call.get("length"),
+                                    chain=chain, root=caller.root)
+            result = await self.router(name, invocation, remaining)
         except LookupError as exc:
             return failed(404, "FunctionNotFound", str(exc))
-        reply.update(status=result.status, headers=result.headers, body=bytes(result.body))
+        reply.update(status=result.status, headers=result.headers, **self._handed_back(caller, result))
         if result.outcome != "ok":
             reply["error"] = {"type": (result.error or {}).get("type", result.outcome),
                               "message": (result.error or {}).get("message", result.outcome)}
         return reply
+
+    def _handed_back(self, caller: CVM, result: Result) -> dict[str, Any]:
+        """A callee's result as its caller receives it: a granted shared object, a copy into a new
+        one when it is large, or bytes inside the reply."""
+        if result.outcome == "ok" and self.broker.can_map(caller):
+            if result.capability is not None:
+                obj = self.broker.find(result.capability, len(result.body))
+                if obj is not None:
+                    announced = self.broker.grant(caller, obj, writable=False, transient=True)
+                    return {"body": result.capability, "length": len(result.body), "grant": announced}
+            if len(result.body) > INLINE_LIMIT:
+                cap, announced = self.broker.copy_into_buffer(caller, result.body)
+                return {"body": cap, "length": len(result.body), "grant": announced}
+        return {"body": bytes(result.body)}
 
     # -- invoking ------------------------------------------------------------------------------
 
@@ -283,12 +331,13 @@ class Intravisor:
         cvm.state = State.BUSY
         cvm.busy += 1
         cvm.invocations += 1
+        cvm.root = invocation.root or invocation.id
         started = time.monotonic()
         timeout = cvm.spec.limits.timeout if timeout is None else min(timeout, cvm.spec.limits.timeout)
-        message = self._invoke_message(cvm, invocation, time.time() + timeout)
         if self._invoke_hooks:
             self.pm.hook.capfaas_before_invoke(spec=cvm.spec, invocation_id=invocation.id)
         try:
+            message = self._invoke_message(cvm, invocation, time.time() + timeout)
             async with asyncio.timeout(timeout):  # no extra task per call, unlike wait_for
                 reply = await cvm.exchange(message)
             result = self._result(cvm, reply)
@@ -312,6 +361,7 @@ class Intravisor:
             await self.stop(cvm, "fault")
             result = _failure(502, "fault", type(exc).__name__,
                               f"function {cvm.spec.name!r} broke the rules and its cVM was stopped: {exc}")
+        self.broker.end_invocation(cvm, None if invocation.chain else invocation.id)
         result.stdout, result.stderr = cvm.process.console.take()
         result.duration = time.monotonic() - started
         if self._invoke_hooks:
@@ -322,23 +372,36 @@ class Intravisor:
     def _invoke_message(self, cvm: CVM, invocation: Invocation, deadline: float) -> dict[str, Any]:
         body: Any = invocation.body
         length = invocation.length
+        announced = None
         if isinstance(body, Capability):
             length = body.length if length is None else length
+            if self.broker.find(body, length) is not None:
+                try:
+                    announced = self.broker.grant(cvm, self.broker.find(body, length), writable=False, transient=True)
+                except SharingUnavailable:  # its backend cannot map it: one copy into its region
+                    body = self.place(cvm, self.broker.area.view(body, body.address, length))
         elif len(body) > INLINE_LIMIT and not invocation.inline and cvm.spec.limits.concurrency == 1:
             length = len(body)
             body = self.place(cvm, body)
-        return {"op": "invoke", "id": invocation.id, "method": invocation.method, "path": invocation.path,
-                "query": invocation.query, "headers": invocation.headers, "body": body, "length": length,
-                "deadline": deadline, "chain": invocation.chain}
+        message = {"op": "invoke", "id": invocation.id, "method": invocation.method, "path": invocation.path,
+                   "query": invocation.query, "headers": invocation.headers, "body": body, "length": length,
+                   "deadline": deadline, "chain": invocation.chain}
+        if announced is not None:
+            message["grant"] = announced
+        return message
 
     def _result(self, cvm: CVM, reply: dict[str, Any]) -> Result:
         if reply.get("op") != "result":
             raise ProtocolViolation(f"expected a result, got {reply.get('op')!r}")
         body = reply.get("body", b"")
+        capability = None
         if isinstance(body, Capability):
             length = reply.get("length")
             self.admit(cvm, body, length)
-            body = self.memory.view(body, body.address, length)
+            if self.broker.find(body, length) is not None:
+                capability, body = body, self.broker.area.view(body, body.address, length)
+            else:
+                body = self.memory.view(body, body.address, length)
         elif not isinstance(body, bytes):
             raise ProtocolViolation("a result body must be bytes or a capability")
         headers = reply.get("headers") or {}
@@ -350,7 +413,8 @@ class Intravisor:
             cvm.peak_rss = reply["rss"]
         if isinstance(reply.get("cpu"), float):
             cvm.cpu_seconds = reply["cpu"]
-        return Result(status, {str(k): str(v) for k, v in headers.items()}, body, "error" if error else "ok", error)
+        return Result(status, {str(k): str(v) for k, v in headers.items()}, body, "error" if error else "ok", error,
+                      capability=capability)
 
 
 def _raise_descriptor_limit() -> None:

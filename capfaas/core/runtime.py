@@ -20,8 +20,10 @@ from typing import Any
 
 from . import wire
 from .capability import Capability, representable_alignment_mask
+from .capfiles import Files, install_open
+from .grants import Grant, Grants
 from .perms import Perm
-from .handlers import CallResult, Context, Event, FunctionCallError, HandlerResultError, adapt
+from .handlers import CallResult, Context, Event, FunctionCallError, HandlerResultError, SharedBuffer, adapt
 from .spec import FunctionSpec
 
 INLINE_LIMIT = 64 << 10
@@ -121,10 +123,13 @@ def _flush(*streams: Any) -> None:
 class Runtime:
     """Serves one cVM's control channel until told to stop or the intravisor goes away."""
 
-    def __init__(self, sock: socket.socket, spec: FunctionSpec, region: Region) -> None:
+    def __init__(self, sock: socket.socket, spec: FunctionSpec, region: Region, grants: Grants | None = None) -> None:
         self.sock = sock
         self.spec = spec
         self.region = region
+        self.grants = grants
+        """Shared objects granted to this cVM; None where the backend cannot pass them (copies instead)."""
+        self.files = Files(self.request, lambda announced: self._accept(announced, transient=False))
         self.unpacker = wire.unpacker(max_buffer_size=1 << 31)  # the intravisor is trusted
         self._loop: asyncio.AbstractEventLoop | None = None
         self._chains: dict[str, list[str]] = {}
@@ -169,6 +174,7 @@ class Runtime:
             self.send({"op": "failed", "error": error_report("import", exc, self.spec)})
             return None
         self.call, self.convert = adapt(handler, self.spec.signature)
+        install_open(lambda: self.files)
         self.send({"op": "ready", "pid": os.getpid()})
         return handler
 
@@ -182,6 +188,8 @@ class Runtime:
                 return
             if message.get("op") == "invoke":
                 self.sock.sendall(_packed(self.invoke(message)))
+                if self.grants is not None:
+                    self.grants.drop_transient()  # the payloads granted for it, once nothing views them
 
     async def _serve_concurrently(self) -> None:
         """Several invocations at once, each a task on this cVM's loop; replies go out by id."""
@@ -222,19 +230,56 @@ class Runtime:
             unpacker.feed(wire.pack(message))
             wire.pack(self.invoke(next(unpacker)))
 
+    def _accept(self, announced: dict[str, Any], *, transient: bool) -> Grant:
+        if self.grants is None:
+            raise ConnectionError("the intravisor announced a grant this cVM cannot receive")
+        return self.grants.accept(announced, transient=transient)
+
+    def view(self, cap: Capability, length: int, announced: dict[str, Any] | None = None) -> memoryview:
+        """The bytes a capability handed to this cVM reaches: in a grant (mapped now if it was just
+        announced) or in this cVM's own region."""
+        if announced is not None:
+            return self._accept(announced, transient=True).view(cap, cap.address, length)
+        grant = self.grants.find(cap, length) if self.grants is not None else None
+        if grant is not None:
+            return grant.view(cap, cap.address, length)
+        return self.region.memory.view(cap, cap.address, length)
+
+    def share(self, data: Any) -> Capability:
+        """``data`` copied once into shared memory; a read-only capability to it. Into a fresh shared
+        object where this cVM can receive grants, so a function it calls maps it without a copy."""
+        if self.grants is None or self.spec.limits.concurrency > 1:
+            return self.region.share(data)[0]
+        view = memoryview(data).cast("B")
+        buffer = self.buffer(len(view))
+        buffer.view[:] = view
+        return buffer.capability.and_permissions(Perm.LOAD | Perm.GLOBAL)
+
+    def buffer(self, size: int) -> SharedBuffer:
+        """A writable shared buffer of ``size`` bytes for this invocation, filled in place."""
+        if self.grants is None or self.spec.limits.concurrency > 1:
+            raise RuntimeError("shared buffers need a backend that passes grants, and concurrency 1")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise ValueError(f"a buffer's size must be a positive number of bytes, got {size!r}")
+        reply = self.request({"op": "buffer", "size": size})
+        if reply.get("error"):
+            raise MemoryError(str(reply["error"].get("message")))
+        grant = self._accept(reply["grant"], transient=True)
+        return SharedBuffer(grant.capability, grant.view(grant.capability, grant.capability.base, size, writable=True))
+
     def _event(self, message: dict[str, Any]) -> Event:
         body = message.get("body", b"")
         capability = None
         if isinstance(body, Capability):
             capability = body
-            body = self.region.memory.view(body, body.address, message["length"])
+            body = self.view(body, message["length"], message.get("grant"))
         return Event(message.get("method", "GET"), message.get("path", "/"), message.get("query") or {},
                      message.get("headers") or {}, body, capability)
 
     def _begin(self, message: dict[str, Any]) -> tuple[Event, Context, dict[str, Any]]:
         call_id = message.get("id", "")
         context = Context(self.spec.name, call_id, message.get("deadline", 0.0), self.logger,
-                          share=lambda data: self.region.share(data)[0], caller=self)
+                          share=self.share, caller=self, files=self.files)
         self._chains[call_id] = list(message.get("chain") or [])
         return self._event(message), context, {"op": "result", "id": call_id}
 
@@ -247,39 +292,52 @@ class Runtime:
                                    "chain": [*self._chains.get(context.invocation_id, ()), self.spec.name]}
         if isinstance(data, str):
             data = data.encode()
+        if isinstance(data, SharedBuffer):
+            data = data.capability.and_permissions(Perm.LOAD | Perm.GLOBAL)
         if not isinstance(data, Capability) and len(data) > INLINE_LIMIT:
             if self.spec.limits.concurrency > 1:  # no heap to spare: it must fit a control message
                 if len(data) > CALL_INLINE_MAX:
                     raise ValueError(f"call data above {CALL_INLINE_MAX} bytes needs a capability from "
                                      "context.share, or concurrency 1")
             else:
-                data = self.region.share(data)[0]  # into this cVM's memory once; the callee reads it there
+                data = self.share(data)  # into shared memory once; the callee maps it there
         if isinstance(data, Capability):
             message.update(body=data, length=min(max(data.top - data.address, 0), (1 << 64) - 1))
         else:
             message["body"] = bytes(data)
         return message
 
-    @staticmethod
-    def _call_result(function: str, reply: dict[str, Any]) -> CallResult:
+    def _call_result(self, function: str, reply: dict[str, Any]) -> CallResult:
         error = reply.get("error")
         if error:
             raise FunctionCallError(function, str(error.get("type", "Error")), str(error.get("message", "")),
                                     int(reply.get("status", 500)))
-        return CallResult(int(reply.get("status", 200)), dict(reply.get("headers") or {}), bytes(reply.get("body", b"")))
+        body = reply.get("body", b"")
+        capability = None
+        if isinstance(body, Capability):
+            capability = body
+            body = self.view(body, int(reply.get("length", 0)), reply.get("grant"))
+        return CallResult(int(reply.get("status", 200)), dict(reply.get("headers") or {}), body, capability)
 
-    def call_function(self, context: Context, function: str, data: Any, headers: dict[str, str]) -> CallResult:
-        """A blocking call: this cVM serves one invocation at a time, so nothing else waits."""
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Ask the intravisor something mid-invocation (a call, a buffer, a CAP_File) and wait for
+        its answer: this cVM serves one invocation at a time, so nothing else waits."""
         if self.spec.limits.concurrency > 1:
-            raise RuntimeError("a handler serving invocations concurrently must use await context.acall(...)")
-        message = self._call_message(context, function, data, headers)
+            raise RuntimeError("a handler serving invocations concurrently must use await context.acall(...); "
+                               "shared buffers and CAP_Files need concurrency 1")
+        if "call" not in message:
+            self._next_call += 1
+            message = {**message, "call": f"request/{self._next_call}"}
         self.send(message)
         while True:
             reply = self.receive()
             if reply is None or reply.get("op") == "stop":
                 raise SystemExit(0)  # the intravisor went away or stopped us mid-call
             if reply.get("op") == "called" and reply.get("call") == message["call"]:
-                return self._call_result(function, reply)
+                return reply
+
+    def call_function(self, context: Context, function: str, data: Any, headers: dict[str, str]) -> CallResult:
+        return self._call_result(function, self.request(self._call_message(context, function, data, headers)))
 
     async def acall_function(self, context: Context, function: str, data: Any, headers: dict[str, str]) -> CallResult:
         if self.spec.limits.concurrency == 1:
@@ -294,10 +352,10 @@ class Runtime:
         finally:
             self._calls.pop(message["call"], None)
 
-    def _complete(self, reply: dict[str, Any], value: Any, *, inline: bool) -> dict[str, Any]:
+    def _complete(self, reply: dict[str, Any], value: Any, *, inline: bool, called: bool = False) -> dict[str, Any]:
         response = self.convert(value, Capability)
         reply.update(status=response.status, headers=response.headers)
-        reply.update(self._body(response.body, inline=inline))
+        reply.update(self._body(response.body, inline=inline, called=called))
         return reply
 
     def _finish(self, reply: dict[str, Any], exc: BaseException | None) -> dict[str, Any]:
@@ -322,7 +380,7 @@ class Runtime:
             value = self.call(event, context)
             if inspect.isawaitable(value):
                 value = self.loop.run_until_complete(value)
-            return self._finish(self._complete(reply, value, inline=False), None)
+            return self._finish(self._complete(reply, value, inline=False, called=bool(message.get("chain"))), None)
         except BaseException as exc:
             return self._finish(reply, exc)
 
@@ -337,10 +395,17 @@ class Runtime:
         except BaseException as exc:
             return self._finish(reply, exc)
 
-    def _body(self, body: Any, *, inline: bool) -> dict[str, Any]:
+    def _body(self, body: Any, *, inline: bool, called: bool = False) -> dict[str, Any]:
+        """A result as the reply carries it. For a calling function, a large one goes into a shared
+        object, which the intravisor grants to the caller as it is."""
+        if isinstance(body, SharedBuffer):
+            body = body.capability.and_permissions(Perm.LOAD | Perm.GLOBAL)
         if isinstance(body, Capability):  # capability-aware code: the bytes from its address to its top
             return {"body": body, "length": min(max(body.top - body.address, 0), (1 << 64) - 1)}
         if inline or len(body) <= INLINE_LIMIT:
             return {"body": bytes(body)}
+        if called:
+            cap = self.share(body)
+            return {"body": cap, "length": cap.top - cap.base}
         cap, length = self.region.share(body)
         return {"body": cap, "length": length}

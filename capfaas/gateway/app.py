@@ -19,8 +19,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from capfaas import __version__
+from capfaas.core.broker import FileError
 from capfaas.core.capability import Capability
-from capfaas.core.intravisor import CVMStartError, FunctionLoadError, Intravisor, Invocation, Result
+from capfaas.core.intravisor import DEFAULT_REGION_SIZE, CVMStartError, FunctionLoadError, Intravisor, Invocation, Result
 from capfaas.core.runtime import INLINE_LIMIT
 from capfaas.core.spec import SpecError, check_name
 from capfaas.credentials import check_basic_auth
@@ -29,6 +30,7 @@ from capfaas.registry import (AlreadyExists, BundleTooLarge, DeploymentRecord, I
                               RegistryError, parse_limits)
 
 from .async_calls import AsyncCalls, header_text
+from .capfiles import declared_files
 from .logs import LogStore
 from .metrics import Metrics
 from .openapi import openapi_document
@@ -37,6 +39,8 @@ from .service import FunctionService
 
 MiB = 1 << 20
 MAX_LIMIT = (1 << 63) - 1
+MAX_CAP_FILE = DEFAULT_REGION_SIZE // 2
+"""A CAP_File must fit the grant space of a cVM that maps it."""
 
 
 @dataclass
@@ -188,7 +192,9 @@ def parse_deployment(body: Any) -> tuple[DeploymentRecord, dict[str, bytes]]:
         raise InvalidInput("'service' (the function name) is required")
     check_name(service)
     code = body.get("code")
+    sequence: list[str] = []
     if isinstance(code, dict) and "sequence" in code:  # a pipeline of deployed functions
+        sequence = stages_of(code["sequence"])
         code = {**code, "files": {"handler.py": base64.b64encode(sequence_handler(stages_of(code["sequence"]))).decode()},
                 "module": "handler.py", "handler": "handle", "signature": "native"}
     if not isinstance(code, dict) or not isinstance(code.get("files"), dict) or not code["files"]:
@@ -201,8 +207,11 @@ def parse_deployment(body: Any) -> tuple[DeploymentRecord, dict[str, bytes]]:
             files[path] = base64.b64decode(content, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidInput(f"the content of {path!r} is not valid base64") from None
+    declared_files(body.get("capFiles"), MAX_CAP_FILE)  # checked now; kept with the other extra fields
     known = {"service", "code", "envVars", "secrets", "labels", "annotations", "limits"}
     extra = {k: v for k, v in body.items() if k not in known}
+    if sequence:
+        extra["sequence"] = sequence  # its bodies go into shared objects, handed from stage to stage
     if not isinstance(body.get("limits") or {}, dict):
         raise InvalidInput("'limits' must be an object such as {\"memory\": \"128Mi\"}")
     if not isinstance(body.get("secrets") or [], list):
@@ -281,6 +290,21 @@ async def delete_function(request: web.Request) -> web.Response:
         return _text(404, f"function {name!r} not found")
     gateway.logs.lines.pop(name, None)
     return _text(200, f"function {name!r} deleted")
+
+
+async def list_cap_files(request: web.Request) -> web.Response:
+    broker = _gateway(request).intravisor.broker
+    return web.json_response([info.as_dict() for info in broker.list_files()])
+
+
+async def delete_cap_file(request: web.Request) -> web.Response:
+    broker = _gateway(request).intravisor.broker
+    name = request.match_info["name"]
+    try:
+        broker.delete_file(name)
+    except FileError as exc:
+        return _text(404 if exc.kind == "FileNotFoundError" else 400, str(exc))
+    return _text(200, f"CAP_File {name!r} deleted; every holder's access to it now faults")
 
 
 async def scale_function(request: web.Request) -> web.Response:
@@ -441,9 +465,11 @@ async def _read_prefix(request: web.Request, limit: int) -> tuple[bytes, bool]:
     return b"".join(chunks), False
 
 
-async def _read_rest(request: web.Request, gateway: Gateway, cvm: Any,
-                     prefix: bytes) -> tuple[Capability | bytes, int | None]:
-    """A large body, written once into the cVM's memory as it arrives (after ``prefix``).
+async def _read_rest(request: web.Request, gateway: Gateway, cvm: Any, prefix: bytes,
+                     shared_as: str | None = None) -> tuple[Capability | bytes, int | None]:
+    """A large body, written once into shared memory as it arrives (after ``prefix``): into the
+    cVM's receive area, or, with ``shared_as`` (the invocation id), into a shared object the
+    function can hand on to others without a copy (a sequence's stages).
 
     An instance serving several invocations at once has no receive area to spare for each: its
     bodies are read into the gateway and travel inside the control message."""
@@ -462,7 +488,11 @@ async def _read_rest(request: web.Request, gateway: Gateway, cvm: Any,
     if capacity > area:
         raise web.HTTPRequestEntityTooLarge(max_size=area, actual_size=capacity,
                                             text=f"request body larger than the {area}-byte receive area")
-    cap, view = gateway.intravisor.receive_buffer(cvm, capacity)
+    broker = gateway.intravisor.broker
+    if shared_as is not None and broker.can_map(cvm):
+        cap, view = broker.payload(shared_as, cvm.spec.name, max(capacity, 1))
+    else:
+        cap, view = gateway.intravisor.receive_buffer(cvm, capacity)
     try:
         filled = len(prefix)
         if filled > capacity:
@@ -567,14 +597,18 @@ async def _run(request: web.Request, gateway: Gateway, name: str, call_id: str, 
     try:
         if not complete:
             async with asyncio.timeout(gateway.settings.body_timeout):
-                body, length = await _read_rest(request, gateway, cvm, prefix)
+                shared_as = call_id if "sequence" in deployed.info.record.extra else None
+                body, length = await _read_rest(request, gateway, cvm, prefix, shared_as)
     except TimeoutError:
+        gateway.intravisor.broker.release(call_id)
         pool.release(cvm)
         return _text(408, f"the request body did not arrive within {gateway.settings.body_timeout:g} s")
     except web.HTTPException as exc:
+        gateway.intravisor.broker.release(call_id)
         pool.release(cvm)
         return _text(exc.status, exc.text or exc.reason)
     except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError):
+        gateway.intravisor.broker.release(call_id)
         pool.release(cvm)
         return _text(400, "the client closed the connection before sending the whole body")
     except BaseException:
@@ -704,6 +738,8 @@ def create_app(gateway: Gateway) -> web.Application:
     for method in ("GET", "POST", "PUT", "DELETE"):
         app.router.add_route(method, "/system/secrets", secrets)
     app.router.add_get("/system/logs", system_logs)
+    app.router.add_get("/system/files", list_cap_files)
+    app.router.add_delete("/system/files/{name}", delete_cap_file)
     app.router.add_route("*", "/function/{name}", invoke_function)
     app.router.add_route("*", "/function/{name}/{path:.*}", invoke_function)
     app.router.add_post("/async-function/{name}", invoke_async)

@@ -122,6 +122,13 @@ def openapi_document() -> dict[str, Any]:
                 {"name": "tail", "in": "query", "schema": {"type": "integer"}},
                 {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
                 {"name": "follow", "in": "query", "schema": {"type": "boolean"}}])},
+            "/system/files": {"get": _system("List CAP_Files: name, size, owner and grants", {
+                "200": _response("CAP_Files", {"application/json": {"schema": {
+                    "type": "array", "items": {"$ref": "#/components/schemas/CapFile"}}}})})},
+            "/system/files/{name}": {"parameters": _path_params("name"), "delete": _system(
+                "Delete a CAP_File, revoking it for every holder",
+                {"200": _response("Deleted", TEXT), "400": _response("Malformed name", TEXT),
+                 "404": _response("No such CAP_File", TEXT)})},
             "/function/{name}": {"parameters": _path_params("name"), **invoke_sync},
             "/function/{name}/{path}": {"parameters": _path_params("name", "path"), **invoke_sync},
             "/async-function/{name}": {"parameters": _path_params("name"), **invoke_async},
@@ -150,7 +157,14 @@ def _schemas() -> dict[str, Any]:
                                     "sequence": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 7},
                                     "module": {"type": "string"}, "handler": {"type": "string"},
                                     "signature": {"type": "string", "enum": ["native", "functions-framework", "lambda"]},
-                                    "network": {"type": "boolean"}, "timeout": {"type": "number"}}}}},
+                                    "network": {"type": "boolean"}, "timeout": {"type": "number"}}},
+            "capFiles": {"type": "array", "description": "capfaas: CAP_Files the function owns", "items": {
+                "type": "object", "required": ["name", "size"], "properties": {
+                    "name": NAME, "size": {"type": "integer", "minimum": 1}, "contents": {"type": "string", "format": "byte"},
+                    "grants": {"type": "object", "additionalProperties": {"type": "string", "enum": ["r", "rw"]}}}}}}},
+        "CapFile": {"type": "object", "properties": {
+            "name": NAME, "size": {"type": "integer"}, "owner": NAME,
+            "readers": {"type": "array", "items": NAME}, "writers": {"type": "array", "items": NAME}}},
         "DeployResult": {"type": "object", "properties": {"name": NAME, "version": {"type": "integer"}}},
         "FunctionStatus": {"type": "object", "required": ["name"], "properties": {
             "name": NAME, "image": {"type": "string"}, "invocationCount": {"type": "number"},

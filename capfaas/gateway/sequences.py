@@ -25,10 +25,11 @@ def handle(event, context):
     headers = _content_type(event.headers)
     for stage in STAGES:
         answer = context.call(stage, data, headers=headers)
+        data = answer.capability if answer.capability is not None else answer.body
         if answer.status >= 400:
             break
-        data, headers = answer.body, _content_type(answer.headers)
-    return {{"statusCode": answer.status, "headers": answer.headers, "body": answer.body}}
+        headers = _content_type(answer.headers)
+    return {{"statusCode": answer.status, "headers": answer.headers, "body": data}}
 '''
 
 

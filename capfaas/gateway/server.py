@@ -38,6 +38,7 @@ async def open_gateway(settings: Settings, backend: str = "auto") -> Gateway:
     registry = Registry(settings.state_dir)
     service = FunctionService(registry, intravisor, pm, settings.state_dir, queue=settings.queue)
     gateway = Gateway(settings, service, intravisor, pm, gateway_metrics(), LogStore())
+    service.on_output = gateway.logs.add  # what called functions print is logged like any invocation's
     gateway.async_calls = AsyncCalls(lambda queued: _invoke_queued(gateway, queued),
                                      settings.async_queue, settings.async_workers, max_body=settings.max_body,
                                      max_bytes=settings.async_queue_bytes)

@@ -10,7 +10,7 @@ import logging
 import shutil
 import time
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import pluggy
 
 from capfaas.core.intravisor import Intravisor, Invocation, Result
+from capfaas.gateway.capfiles import create_declared, declared_files, delete_owned
 from capfaas.core.spec import FunctionSpec
 from capfaas.plugins.pooling import Scaling
 from capfaas.registry import DeploymentRecord, InvalidInput, NotFound, Registry, VersionInfo, check_bundle
@@ -93,6 +94,8 @@ class FunctionService:
         self._lock = asyncio.Lock()
         self._make_pool = pm.hook.capfaas_pool_factory()
         self._reaper: asyncio.Task[None] | None = None
+        self.on_output: Callable[[str, str, bytes], None] | None = None
+        """Receives (function, invocation id, output) of invocations made by other functions."""
         intravisor.router = self.call
 
     def start_reaper(self) -> None:
@@ -125,6 +128,11 @@ class FunctionService:
         warm = self.registry.warm(info.name)
         if warm is not None:  # scale-function outlives restarts and new versions, until a delete
             scaling = replace(scaling, min=min(warm, scaling.max))
+        broker = self.intravisor.broker
+        try:
+            create_declared(broker, info.name, declared_files(info.record.extra.get("capFiles"), broker.max_file_size))
+        except InvalidInput as exc:  # checked before the deploy was committed; a restart may still clash
+            log.warning("function %s: its CAP_Files were not created: %s", info.name, exc)
         pool = self._make_pool(self.intravisor, spec, scaling)
         deployed = Deployed(info, spec, pool)
         previous = self.live.get(info.name)
@@ -170,6 +178,10 @@ class FunctionService:
             if replace and current is None:
                 raise NotFound(f"function {record.name!r} does not exist; create it with POST")
             scaling_of(record.labels, self.queue)  # refused before anything is stored, not after
+            for declared in declared_files(record.extra.get("capFiles"), self.intravisor.broker.max_file_size):
+                existing = self.intravisor.broker.files.get(declared.name)
+                if existing is not None and existing.owner != record.name:
+                    raise InvalidInput(f"CAP_File {declared.name!r} is owned by function {existing.owner!r}")
             await self.validate(record, files, max_bundle_bytes)
             info = await asyncio.to_thread(self.registry.deploy, record, files, replace=replace,
                                            max_bundle_bytes=max_bundle_bytes)
@@ -184,6 +196,7 @@ class FunctionService:
             deployed = self.live.pop(name, None)
             if deployed is not None:
                 await deployed.pool.close()
+            delete_owned(self.intravisor.broker, name)
             return True
 
     async def call(self, name: str, invocation: Invocation, timeout: float) -> Result:
@@ -195,6 +208,10 @@ class FunctionService:
         try:
             deployed.invocations += 1
             result = await self.intravisor.invoke(cvm, invocation, timeout)
+            if self.on_output is not None and (result.stdout or result.stderr):
+                self.on_output(name, invocation.id, result.stdout + result.stderr)
+            if result.capability is not None:  # a shared object: it outlives the instance's invocation
+                return result
             return replace(result, body=bytes(result.body))  # the instance's memory is reused once released
         finally:
             deployed.pool.release(cvm)

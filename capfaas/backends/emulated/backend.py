@@ -27,11 +27,12 @@ class EmulatedProcess(CVMProcess):
     """A cVM forked by the template; it is not our child, so it is watched through a pidfd."""
 
     def __init__(self, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 ended: asyncio.Future[str], console: Console) -> None:
+                 ended: asyncio.Future[str], console: Console, grant_channel: socket.socket) -> None:
         self.pid = pid
         self.reader = reader
         self.writer = writer
         self.console = console
+        self.grant_channel = grant_channel
         self._ended = ended
         try:
             self._pidfd: int | None = os.pidfd_open(pid)
@@ -45,6 +46,7 @@ class EmulatedProcess(CVMProcess):
             except ProcessLookupError:
                 pass
         self.writer.close()
+        self.grant_channel.close()
 
     async def wait(self) -> str:
         how = await asyncio.shield(self._ended)
@@ -66,12 +68,18 @@ async def _reported(pid: asyncio.Future[int], *undo: Callable[[], object]) -> in
         raise
 
 
-async def _attach(pid: int, sock: socket.socket, stdout_fd: int, stderr_fd: int, request: LaunchRequest,
-                  ended: asyncio.Future[str]) -> EmulatedProcess:
-    """The intravisor's side of a started cVM: its console and its control channel."""
+async def _attach(pid: int, sock: socket.socket, grant_channel: socket.socket, stdout_fd: int, stderr_fd: int,
+                  request: LaunchRequest, ended: asyncio.Future[str]) -> EmulatedProcess:
+    """The intravisor's side of a started cVM: its console, its control and grant channels."""
     console = Console(stdout_fd, stderr_fd, request.spec.limits.output)
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-    return EmulatedProcess(pid, reader, writer, ended, console)
+    grant_channel.setblocking(False)  # a cVM that stops taking its grants must not stall the intravisor
+    return EmulatedProcess(pid, reader, writer, ended, console, grant_channel)
+
+
+def grant_channel_pair() -> tuple[socket.socket, socket.socket]:
+    """The intravisor's end and the cVM's end of a cVM's grant channel (one descriptor per message)."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
 def spec_to_wire(spec: FunctionSpec) -> dict[str, Any]:
@@ -140,19 +148,20 @@ class EmulatedTemplate(TemplateProcess):
         even forked, so the clone finds them there at once."""
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
+        grants_ours, grants_theirs = grant_channel_pair()
         region = {"op": "region", "segment_size": self.backend.memory.size, "ddc": request.ddc, "pcc": request.pcc,
                   "region": {"base": request.region.base, "size": request.region.size, "offset": request.region.offset}}
         (out_r, out_w), (err_r, err_w) = console_pipes()
         forked = self._forked[request.cvm_id] = loop.create_future()
         try:
-            socket.send_fds(ours, [wire.pack(region)], [self.backend.memory.fd, out_w, err_w])
+            socket.send_fds(ours, [wire.pack(region)], [self.backend.memory.fd, out_w, err_w, grants_theirs.fileno()])
             socket.send_fds(self.sock, [wire.pack({"op": "fork", "cvm_id": request.cvm_id})], [theirs.fileno()])
         finally:
-            for fd in (theirs.detach(), out_w, err_w):
+            for fd in (theirs.detach(), grants_theirs.detach(), out_w, err_w):
                 os.close(fd)
-        pid = await _reported(forked, lambda: self._forked.pop(request.cvm_id, None), ours.close,
+        pid = await _reported(forked, lambda: self._forked.pop(request.cvm_id, None), ours.close, grants_ours.close,
                               lambda: os.close(out_r), lambda: os.close(err_r))
-        return await _attach(pid, ours, out_r, err_r, request, self.backend.exit_future(pid))
+        return await _attach(pid, ours, grants_ours, out_r, err_r, request, self.backend.exit_future(pid))
 
     def kill(self) -> None:
         try:
@@ -262,17 +271,20 @@ class EmulatedBackend(Backend):
             "spec": spec_to_wire(spec),
         }
         ours, theirs = socket.socketpair()
+        grants_ours, grants_theirs = grant_channel_pair()
         (out_r, out_w), (err_r, err_w) = console_pipes()
         launched = self._launched[request.cvm_id] = loop.create_future()
         try:
-            socket.send_fds(self._sock, [wire.pack(message)], [self.memory.fd, theirs.fileno(), out_w, err_w])
+            socket.send_fds(self._sock, [wire.pack(message)],
+                            [self.memory.fd, theirs.fileno(), out_w, err_w, grants_theirs.fileno()])
         finally:
             theirs.close()
+            grants_theirs.close()
             os.close(out_w)
             os.close(err_w)
         pid = await _reported(launched, lambda: self._launched.pop(request.cvm_id, None), ours.close,
-                              lambda: os.close(out_r), lambda: os.close(err_r))
-        return await _attach(pid, ours, out_r, err_r, request, self.exit_future(pid))
+                              grants_ours.close, lambda: os.close(out_r), lambda: os.close(err_r))
+        return await _attach(pid, ours, grants_ours, out_r, err_r, request, self.exit_future(pid))
 
     async def launch_template(self, spec: FunctionSpec, region_size: int) -> EmulatedTemplate:
         """Start a function template: the function imported and initialised once, ready to fork."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from capfaas.core import wire
 from capfaas.core.capability import Capability  # noqa: F401  (imported once, before any fork)
+from capfaas.core.grants import GrantSpace, Grants, grant_space_for
 from capfaas.core.runtime import Region, Runtime, error_report, load_function, load_handler
 from capfaas.core.spec import FunctionSpec, Limits
 from capfaas.plugin_manager import make_plugin_manager
@@ -117,12 +118,13 @@ def attach_console(stdout_fd: int, stderr_fd: int) -> None:
 
 def run_cvm(launch: dict[str, Any], fds: list[int], libos: Any) -> int:
     """The body of one cVM forked from the generic template; returns its exit status."""
-    memfd, control_fd, stdout_fd, stderr_fd = fds
+    memfd, control_fd, stdout_fd, stderr_fd, grant_fd = fds
     attach_console(stdout_fd, stderr_fd)
     spec = spec_from_wire(launch["spec"])
     control = socket.socket(fileno=control_fd)
     region = map_region(launch, memfd, control_fd)
-    runtime = Runtime(control, spec, region)
+    space = GrantSpace(grant_space_for(launch["region"]["size"]), libos.map_shared)  # before the limits count it
+    runtime = Runtime(control, spec, region, Grants(socket.socket(fileno=grant_fd), space))
     try:
         libos.enter(policy_for(spec))
     except Exception as exc:  # a libOS that cannot confine the cVM must not run the function
@@ -148,6 +150,7 @@ def run_function_template(message: dict[str, Any], control_fd: int, libos: Any) 
         control.send(wire.pack(reply))
 
     _rehearse(spec)
+    space = GrantSpace(grant_space_for(message["region_size"]), libos.map_shared)  # every instance inherits it
     try:
         libos.enter(policy_for(spec, message["region_size"]), allow_fork=True)
     except Exception as exc:
@@ -185,7 +188,7 @@ def run_function_template(message: dict[str, Any], control_fd: int, libos: Any) 
                 try:
                     reaper.forget_in_child()
                     control.close()
-                    status = run_instance(fds[0], spec, module, handler, libos)
+                    status = run_instance(fds[0], spec, module, handler, libos, space)
                 except BaseException:  # nothing may escape a forked child back into the template
                     traceback.print_exc()  # to the backend's diagnostic tail
                     status = 70
@@ -210,19 +213,19 @@ def _rehearse(spec: FunctionSpec) -> None:
         memory.close()
 
 
-def run_instance(control_fd: int, spec: FunctionSpec, module: Any, handler: Any, libos: Any) -> int:
+def run_instance(control_fd: int, spec: FunctionSpec, module: Any, handler: Any, libos: Any, space: GrantSpace) -> int:
     """One instance forked from a function template."""
     control = socket.socket(fileno=control_fd)
-    data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 3)
+    data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 4)
     launch = _one_message(data)
-    if launch.get("op") != "region" or len(fds) != 3:
+    if launch.get("op") != "region" or len(fds) != 4:
         return 72
     attach_console(fds[1], fds[2])
     mapped: list[Region] = []
     libos.seal(lambda: mapped.append(map_region(launch, fds[0], control_fd)))
     region = mapped[0]
     random.seed(os.urandom(32))  # no two instances share the template's random state
-    runtime = Runtime(control, spec, region)
+    runtime = Runtime(control, spec, region, Grants(socket.socket(fileno=fds[3]), space))
 
     def restored(_: FunctionSpec) -> Any:
         hook = getattr(module, "after_restore", None)
@@ -332,12 +335,12 @@ class Template:
         while True:
             if not self.reaper.wait_readable(self.sock):
                 continue
-            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 4)
+            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 5)
             if not data:
                 return
             message = _one_message(data)
             op = message.get("op")
-            if op == "launch" and len(fds) == 4:
+            if op == "launch" and len(fds) == 5:
                 self.fork(message, fds, lambda: run_cvm(message, fds, self.libos))
             elif op == "template" and len(fds) == 1:
                 self.fork(message, fds, lambda: run_function_template(message, fds[0], self.libos))

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import errno
 import importlib
+import mmap as _mmap
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from capfaas.hookspecs import hookimpl
 
@@ -172,6 +174,18 @@ class LibraryOS:
             return os.fork()
         finally:
             self._guard.fork_allowed = False  # in the parent and in the child alike
+
+    def map_shared(self, *args: Any, **kwargs: Any) -> Any:
+        """``mmap.mmap(*args, **kwargs)`` for the runtime, with the raw-memory rule lifted for the
+        one call: it maps grants (objects another cVM shares) and reserves address space for them.
+        Every descriptor a cVM holds is its own or a grant, so a mapping reaches nothing else."""
+        if self._guard is None:
+            return _mmap.mmap(*args, **kwargs)
+        self._guard.runtime_mapping = True
+        try:
+            return _mmap.mmap(*args, **kwargs)
+        finally:
+            self._guard.runtime_mapping = False
 
     def seal(self, prepare: Callable[[], object] | None = None) -> None:
         """In a child forked from a template entered with ``allow_fork=True``: no more forks, and

@@ -1,0 +1,255 @@
+"""Shared objects between cVMs: zero-copy CAP_Calls, CAP_Files with grants and revocation."""
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capfaas.core.shared import SHARED_AREA_BASE
+
+from .gateway_support import AUTH, deploy, running_gateway
+
+SENDER = """
+import hashlib
+def handle(event, context):
+    size = int(event.query.get("size", 32 << 20))
+    buffer = context.buffer(size)
+    buffer.view[:] = bytes(range(256)) * (size // 256)
+    answer = context.call("inspector", buffer)
+    return {"body": {"sent_address": buffer.capability.address, "sha256": hashlib.sha256(buffer.view).hexdigest(),
+                     "answer": answer.json()}}
+"""
+
+INSPECTOR = """
+import hashlib
+from capfaas.core.perms import Perm
+def handle(event, context):
+    cap = event.capability
+    try:
+        event.body[0] = 1
+        written = True
+    except TypeError:
+        written = False
+    return {"body": {"address": cap.address, "length": len(event.body), "may_store": bool(cap.perms & Perm.STORE),
+                     "written": written, "sha256": hashlib.sha256(event.body).hexdigest()}}
+"""
+
+PRODUCER = """
+def handle(event, context):
+    return bytes(range(256)) * 4096  # 1 MiB result for a calling function
+"""
+
+CONSUMER = """
+import hashlib
+def handle(event, context):
+    answer = context.call("producer")
+    return {"body": {"address": answer.capability.address if answer.capability is not None else None,
+                     "sha256": hashlib.sha256(answer.body).hexdigest()}}
+"""
+
+OWNER = """
+from capfaas.core.faults import CapabilityFault
+def handle(event, context):
+    action = event.query["do"]
+    if action == "create":
+        f = context.files.create("notes", 4096, b"hello, capabilities")
+        context.files.grant("notes", "reader")
+        context.files.grant("notes", "writer", write=True)
+        return {"body": {"name": f.name, "size": f.size}}
+    if action == "overflow":
+        with open("/cap/notes", "r+b") as f:
+            f.seek(4090)
+            try:
+                f.write(b"0123456789")
+            except CapabilityFault as exc:
+                return {"body": {"fault": type(exc).__name__, "message": str(exc)}}
+        return "no fault"
+    if action == "delete":
+        context.files.delete("notes")
+        return "deleted"
+    if action == "list":
+        return {"body": context.files.list()}
+"""
+
+READER = """
+from capfaas.core.faults import CapabilityFault
+KEPT = {}
+def handle(event, context):
+    action = event.query["do"]
+    if action == "read":
+        with open("/cap/notes", "rb") as f:
+            return f.read(19)
+    if action == "text":
+        with open("/cap/notes") as f:
+            return f.read().rstrip("\\0")
+    if action == "write":
+        try:
+            open("/cap/notes", "r+b")
+        except PermissionError as exc:
+            return {"body": {"refused": str(exc)}}
+        return "opened for writing"
+    if action == "view":
+        view = context.files.open("notes").view()
+        try:
+            view[0] = 0
+        except TypeError as exc:
+            return {"body": {"readonly": view.readonly, "error": str(exc)}}
+        return "wrote through a read-only grant"
+    if action == "keep":
+        KEPT["file"] = context.files.open("notes")
+        return KEPT["file"].read(5)
+    if action == "reuse":
+        try:
+            KEPT["file"].seek(0)
+            return KEPT["file"].read(5)
+        except CapabilityFault as exc:
+            return {"body": {"fault": type(exc).__name__, "message": str(exc)}}
+    if action == "keep-view":
+        KEPT["view"] = context.files.open("notes").view()
+        return bytes(KEPT["view"][:5])
+    if action == "reuse-view":
+        return bytes(KEPT["view"][:5])
+"""
+
+WRITER = """
+def handle(event, context):
+    with open("/cap/notes", "r+b") as f:
+        f.write(event.body)
+    return "ok"
+"""
+
+STRANGER = """
+def handle(event, context):
+    try:
+        open("/cap/notes", "rb")
+    except PermissionError as exc:
+        return {"body": {"refused": str(exc)}}
+    return "opened"
+"""
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Any]:
+    async with running_gateway(tmp_path / "state") as (gateway, client):
+        for name, source in (("sender", SENDER), ("inspector", INSPECTOR), ("producer", PRODUCER),
+                             ("consumer", CONSUMER), ("owner", OWNER), ("reader", READER), ("writer", WRITER),
+                             ("stranger", STRANGER)):
+            await deploy(client, name, source)
+        yield gateway, client
+
+
+async def call(client: Any, name: str, query: str = "", body: bytes = b"") -> tuple[int, Any]:
+    response = await client.post(f"/function/{name}{query}", data=body)
+    raw = await response.read()
+    try:
+        return response.status, json.loads(raw)
+    except ValueError:
+        return response.status, raw
+
+
+async def test_a_call_hands_a_shared_buffer_over_without_a_copy(gw: Any) -> None:
+    _, client = gw
+    status, body = await call(client, "sender", "?size=33554432")
+    assert status == 200, body
+    answer = body["answer"]
+    assert answer["address"] == body["sent_address"] >= SHARED_AREA_BASE  # the same bytes, not a copy
+    assert answer["length"] == 32 << 20 and answer["sha256"] == body["sha256"]
+    assert not answer["may_store"] and not answer["written"]  # the callee's grant is read-only
+
+
+async def test_a_large_result_comes_back_to_the_caller_as_a_grant(gw: Any) -> None:
+    _, client = gw
+    status, body = await call(client, "consumer")
+    assert status == 200, body
+    assert body["address"] is not None and body["address"] >= SHARED_AREA_BASE
+    import hashlib
+    assert body["sha256"] == hashlib.sha256(bytes(range(256)) * 4096).hexdigest()
+
+
+async def test_cap_files_are_files_with_grants(gw: Any) -> None:
+    gateway, client = gw
+    status, body = await call(client, "owner", "?do=create")
+    assert status == 200 and body == {"name": "/cap/notes", "size": 4096}
+    assert (await call(client, "reader", "?do=read")) == (200, b"hello, capabilities")
+    assert (await call(client, "reader", "?do=text")) == (200, b"hello, capabilities")
+    status, body = await call(client, "reader", "?do=write")
+    assert status == 200 and "read-write grant" in body["refused"]
+    status, body = await call(client, "reader", "?do=view")
+    assert body["readonly"] is True
+    status, body = await call(client, "stranger")
+    assert "holds no read grant" in body["refused"]
+    assert (await call(client, "writer", body=b"HELLO"))[0] == 200
+    assert (await call(client, "reader", "?do=read"))[1] == b"HELLO, capabilities"
+    status, body = await call(client, "owner", "?do=overflow")
+    assert body["fault"] == "BoundsFault" and "outside the capability's bounds" in body["message"]
+    listed = await (await client.get("/system/files", headers=AUTH)).json()
+    assert listed == [{"name": "notes", "size": 4096, "owner": "owner", "readers": ["reader"], "writers": ["writer"]}]
+    assert (await call(client, "owner", "?do=list"))[1][0]["name"] == "notes"
+
+
+async def test_deleting_a_cap_file_revokes_it_for_every_holder(gw: Any) -> None:
+    gateway, client = gw
+    await call(client, "owner", "?do=create")
+    assert (await call(client, "reader", "?do=keep")) == (200, b"hello")
+    assert (await call(client, "owner", "?do=delete")) == (200, b"deleted")
+    status, body = await call(client, "reader", "?do=reuse")
+    assert body["fault"] == "TagFault" and "revoked" in body["message"]
+    status, body = await call(client, "reader", "?do=read")
+    assert status == 500 and body["type"] == "FileNotFoundError"
+    assert await (await client.get("/system/files", headers=AUTH)).json() == []
+
+
+async def test_a_raw_view_of_a_revoked_cap_file_faults_the_holder_alone(gw: Any) -> None:
+    gateway, client = gw
+    await call(client, "owner", "?do=create")
+    assert (await call(client, "reader", "?do=keep-view")) == (200, b"hello")
+    response = await client.delete("/system/files/notes", headers=AUTH)
+    assert response.status == 200
+    status, body = await call(client, "reader", "?do=reuse-view")
+    assert status == 502 and "SIGBUS" in body["message"]
+    assert (await call(client, "owner", "?do=list")) == (200, [])  # everyone else serves on
+
+
+async def test_a_deployment_declares_cap_files(gw: Any) -> None:
+    _, client = gw
+    declared = [{"name": "config", "size": 64, "contents": base64.b64encode(b"threshold=3").decode(),
+                 "grants": {"reader": "r"}}]
+    source = "def handle(event, context):\n    return open('/cap/config', 'rb').read(11)\n"
+    await deploy(client, "configured", source, capFiles=declared)
+    assert (await call(client, "configured")) == (200, b"threshold=3")
+    listed = await (await client.get("/system/files", headers=AUTH)).json()
+    assert listed[0]["owner"] == "configured" and listed[0]["readers"] == ["reader"]
+    bad = [{"name": "../x", "size": 1}]
+    response = await deploy(client, "broken", source, capFiles=bad, expect=400)
+    assert "invalid CAP_File name" in await response.text()
+    response = await client.delete("/system/functions", json={"functionName": "configured"}, headers=AUTH)
+    assert response.status == 200
+    assert await (await client.get("/system/files", headers=AUTH)).json() == []
+
+
+async def test_a_sequence_hands_one_shared_copy_of_the_body_through_every_stage(gw: Any) -> None:
+    _, client = gw
+    stage = ("def handle(event, context):\n"
+             "    print(hex(event.capability.address), len(event.body), flush=True)\n"
+             "    return event.capability\n")
+    for name in ("one", "two", "three"):
+        await deploy(client, name, stage)
+    response = await client.post("/system/functions", headers=AUTH,
+                                 json={"service": "pipeline", "code": {"sequence": ["one", "two", "three"]}})
+    assert response.status == 202, await response.text()
+    body = bytes(range(256)) * (16 << 12)  # 16 MiB
+    response = await client.post("/function/pipeline", data=body)
+    assert response.status == 200 and await response.read() == body
+    seen = set()
+    for name in ("one", "two", "three"):
+        logs = await (await client.get(f"/system/logs?name={name}", headers=AUTH)).text()
+        (line,) = [json.loads(entry)["text"] for entry in logs.splitlines()]
+        address, length = line.split()
+        assert int(length) == len(body)
+        seen.add(int(address, 16))
+    (address,) = seen  # every stage read the very bytes the gateway wrote: no copy between them
+    assert address >= SHARED_AREA_BASE
