@@ -199,6 +199,28 @@ def secrets(args: argparse.Namespace) -> int:
     return 0
 
 
+def files(args: argparse.Namespace) -> int:
+    """CAP_Files: list them (name, size, owner, grants), or remove NAME (revoking it for every holder)."""
+    client = _client(args)
+    if args.action == "remove":
+        if not args.name:
+            raise GatewayError("files remove needs a NAME")
+        client.request("DELETE", f"/system/files/{urllib.parse.quote(args.name, safe='')}")
+        print(f"removed CAP_File {args.name}")
+        return 0
+    listed = client.json("GET", "/system/files").json()
+    if args.json:
+        print(json.dumps(listed, indent=2))
+        return 0
+    rows = [("NAME", "SIZE", "OWNER", "READERS", "WRITERS")]
+    rows += [(f["name"], str(f["size"]), f["owner"], ",".join(f["readers"]) or "-", ",".join(f["writers"]) or "-")
+             for f in listed]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
 def add_global_options(parser: argparse.ArgumentParser) -> None:
     """``--gateway`` and ``--state-dir`` before the verb, as well as after it."""
     parser.add_argument("--gateway", "-g", default=None, help=argparse.SUPPRESS)
@@ -260,6 +282,11 @@ def register(verbs: argparse._SubParsersAction, add_verb: Any) -> None:
     verb.add_argument("--lines", "-n", type=int, help="only the last N lines")
 
     add_verb(verbs, rm, parents=[common]).add_argument("name", metavar="NAME")
+
+    verb = add_verb(verbs, files, parents=[common])
+    verb.add_argument("action", nargs="?", default="list", choices=("list", "remove"))
+    verb.add_argument("name", nargs="?", metavar="NAME")
+    verb.add_argument("--json", action="store_true", help="print JSON")
 
     verb = add_verb(verbs, secrets, parents=[common])
     verb.add_argument("action", choices=("list", "create", "update", "remove"))

@@ -253,3 +253,55 @@ async def test_a_sequence_hands_one_shared_copy_of_the_body_through_every_stage(
         seen.add(int(address, 16))
     (address,) = seen  # every stage read the very bytes the gateway wrote: no copy between them
     assert address >= SHARED_AREA_BASE
+
+
+STREAM_COUNTER = """
+import hashlib, resource
+def handle(event, context):
+    if event.stream is None:
+        return {"body": {"streamed": False, "bytes": len(event.body)}}
+    digest, total = hashlib.sha256(), 0
+    buffer = bytearray(1 << 20)
+    while n := event.stream.readinto(buffer):
+        digest.update(memoryview(buffer)[:n])
+        total += n
+    return {"body": {"streamed": True, "bytes": total, "sha256": digest.hexdigest(),
+                     "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}
+"""
+
+
+async def test_a_chunked_request_streams_into_the_function_in_bounded_memory(gw: Any) -> None:
+    import hashlib
+    _, client = gw
+    await deploy(client, "counter", STREAM_COUNTER, limits={"memory": "256Mi"})
+    block = bytes(range(256)) * 4096
+    blocks = 192  # 192 MiB, more than the function's memory limit could hold next to its runtime
+
+    async def chunks() -> Any:
+        for _ in range(blocks):
+            yield block
+
+    response = await client.post("/function/counter", data=chunks())
+    body = await response.json()
+    expected = hashlib.sha256()
+    for _ in range(blocks):
+        expected.update(block)
+    assert response.status == 200, body
+    assert body["streamed"] and body["bytes"] == blocks * len(block) and body["sha256"] == expected.hexdigest()
+    assert body["peak_rss"] < 96 << 20  # the body never was in the function's memory at once
+    small = await client.post("/function/counter", data=b"x" * 10)
+    assert (await small.json()) == {"streamed": False, "bytes": 10}
+
+
+async def test_a_function_that_stops_reading_its_stream_leaves_the_gateway_serving(gw: Any) -> None:
+    _, client = gw
+    await deploy(client, "quitter", "def handle(event, context):\n    return event.stream.read(5)\n")
+
+    async def chunks() -> Any:
+        for _ in range(64):
+            yield bytes(1 << 20)
+
+    response = await client.post("/function/quitter", data=chunks())
+    assert response.status == 200 and await response.read() == bytes(5)
+    again = await client.post("/function/quitter", data=chunks())
+    assert again.status == 200

@@ -17,6 +17,7 @@ from .capability import Capability
 from .capfiles import check_name
 from .cvm import CVM
 from .perms import Perm
+from .ring import RingWriter, init_ring, ring_size
 from .shared import SharedArea, SharedObject
 
 GiB = 1 << 30
@@ -65,7 +66,8 @@ class Broker:
     def can_map(cvm: CVM) -> bool:
         return getattr(cvm.process, "grant_channel", None) is not None and cvm.spec.limits.concurrency == 1
 
-    def grant(self, cvm: CVM, obj: SharedObject, *, writable: bool, transient: bool) -> dict[str, Any]:
+    def grant(self, cvm: CVM, obj: SharedObject, *, writable: bool, transient: bool,
+              extra_fds: tuple[int, ...] = ()) -> dict[str, Any]:
         """Give ``cvm`` access to ``obj``; returns the announcement for its control message, which
         says whether a descriptor was sent or the cVM's existing mapping serves."""
         if not self.can_map(cvm):
@@ -76,7 +78,7 @@ class Broker:
         cap = self.area.capability(obj, writable)
         fd = obj.descriptor(writable)
         try:
-            socket.send_fds(cvm.process.grant_channel, [wire.pack({"object": obj.id})], [fd])
+            socket.send_fds(cvm.process.grant_channel, [wire.pack({"object": obj.id})], [fd, *extra_fds])
         except BlockingIOError:
             raise ConnectionError(f"cVM {cvm.id} does not take its grants") from None
         finally:
@@ -101,6 +103,19 @@ class Broker:
         obj = self.area.create("buffer", size, owner)
         self._scoped.setdefault(root, []).append(obj)
         return self.area.capability(obj, writable=False), memoryview(obj.mapping)
+
+    def stream(self, cvm: CVM, capacity: int) -> tuple[SharedObject, RingWriter, dict[str, Any]]:
+        """A CAP_Stream into ``cvm``: the ring (a shared object the cVM is granted with the two
+        eventfds that wake each side), the intravisor's writing end, and the announcement for the
+        invocation. Whoever asked frees it (``area.free``) once it is done writing."""
+        obj = self.area.create("stream", ring_size(capacity), cvm.spec.name)
+        init_ring(obj.mapping, capacity)
+        data_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        space_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        obj.closers.append(lambda: (os.close(data_fd), os.close(space_fd)))
+        writer = RingWriter(obj.mapping, data_fd, space_fd, timeout=0)
+        obj.closers.insert(0, writer.close)
+        return obj, writer, self.grant(cvm, obj, writable=True, transient=True, extra_fds=(data_fd, space_fd))
 
     def release(self, root: str) -> None:
         """Release the buffers of top-level invocation ``root`` (one that never ran)."""

@@ -70,6 +70,8 @@ class Grant:
     mapping: mmap.mmap
     transient: bool
     """A payload granted for one invocation (unmapped after it), not a CAP_File kept open."""
+    events: tuple[int, ...] = ()
+    """A CAP_Stream's eventfds: data available, space available."""
 
     @property
     def revoked(self) -> bool:
@@ -107,9 +109,9 @@ class Grants:
                 raise ConnectionError(f"the intravisor refers to shared object {announced.get('object')!r}, "
                                       "which this cVM does not hold")
             return held
-        data, fds, _, _ = socket.recv_fds(self.channel, 256, 1)
+        data, fds, _, _ = socket.recv_fds(self.channel, 256, 3)
         header = _header(data)
-        if len(fds) != 1 or header.get("object") != announced.get("object"):
+        if not fds or header.get("object") != announced.get("object"):
             for fd in fds:
                 os.close(fd)
             raise ConnectionError("the grant channel is out of step with the control channel")
@@ -121,9 +123,10 @@ class Grants:
                                         mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
         except BaseException:
             self.space.give_back(size)
-            os.close(fds[0])
+            for fd in fds:
+                os.close(fd)
             raise
-        grant = Grant(announced["object"], cap, fds[0], mapping, transient)
+        grant = Grant(announced["object"], cap, fds[0], mapping, transient, tuple(fds[1:]))
         self.held[grant.id] = grant
         return grant
 
@@ -152,7 +155,8 @@ class Grants:
             except BufferError:  # function code still holds a view of it
                 still.append(grant)
                 continue
-            os.close(grant.fd)
+            for fd in (grant.fd, *grant.events):
+                os.close(fd)
             self.space.give_back(grant.capability.top - grant.capability.base)
         self._lingering = still
 

@@ -28,6 +28,8 @@ class Event:
     body: Body
     capability: Any = None
     """The read-only capability the body was handed over with, when it came through shared memory."""
+    stream: Any = None
+    """A chunked request's body as it arrives (a CAP_Stream, file-like), or None."""
 
     @property
     def text(self) -> str:
@@ -35,6 +37,21 @@ class Event:
 
     def json(self) -> Any:
         return json.loads(bytes(self.body))
+
+
+class StreamedEvent(Event):
+    """A request whose body is still arriving: read ``stream`` as it comes, in bounded memory, or
+    touch ``body`` and wait for all of it (so handlers written for whole bodies work unchanged)."""
+
+    @property  # type: ignore[override]
+    def body(self) -> Body:
+        if self._body is None:
+            self._body = self.stream.read()
+        return self._body
+
+    @body.setter
+    def body(self, value: Body | None) -> None:
+        self._body = value
 
 
 @dataclass

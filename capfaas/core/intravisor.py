@@ -71,6 +71,8 @@ class Invocation:
     """The functions that called their way to this invocation, outermost first."""
     root: str = ""
     """The top-level invocation this one serves (empty: it is one), whose end releases its buffers."""
+    stream: dict[str, Any] | None = None
+    """The announced CAP_Stream the body arrives on while the function runs (a chunked request)."""
 
 
 @dataclass
@@ -388,6 +390,8 @@ class Intravisor:
                    "deadline": deadline, "chain": invocation.chain}
         if announced is not None:
             message["grant"] = announced
+        if invocation.stream is not None:
+            message["stream"] = invocation.stream
         return message
 
     def _result(self, cvm: CVM, reply: dict[str, Any]) -> Result:

@@ -14,6 +14,7 @@ import os
 import resource
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,9 @@ from .capability import Capability, representable_alignment_mask
 from .capfiles import Files, install_open
 from .grants import Grant, Grants
 from .perms import Perm
-from .handlers import CallResult, Context, Event, FunctionCallError, HandlerResultError, SharedBuffer, adapt
+from .handlers import (CallResult, Context, Event, FunctionCallError, HandlerResultError, SharedBuffer, StreamedEvent,
+                       adapt)
+from .ring import RingReader
 from .spec import FunctionSpec
 
 INLINE_LIMIT = 64 << 10
@@ -130,6 +133,8 @@ class Runtime:
         self.grants = grants
         """Shared objects granted to this cVM; None where the backend cannot pass them (copies instead)."""
         self.files = Files(self.request, lambda announced: self._accept(announced, transient=False))
+        self._streams: list[RingReader] = []
+        """CAP_Streams of the running invocation, closed when it ends."""
         self.unpacker = wire.unpacker(max_buffer_size=1 << 31)  # the intravisor is trusted
         self._loop: asyncio.AbstractEventLoop | None = None
         self._chains: dict[str, list[str]] = {}
@@ -188,6 +193,9 @@ class Runtime:
                 return
             if message.get("op") == "invoke":
                 self.sock.sendall(_packed(self.invoke(message)))
+                for stream in self._streams:
+                    stream.close()  # the writer sees the reader gone if it is still sending
+                self._streams.clear()
                 if self.grants is not None:
                     self.grants.drop_transient()  # the payloads granted for it, once nothing views them
 
@@ -268,6 +276,12 @@ class Runtime:
         return SharedBuffer(grant.capability, grant.view(grant.capability, grant.capability.base, size, writable=True))
 
     def _event(self, message: dict[str, Any]) -> Event:
+        if message.get("stream") is not None:  # a chunked request: its body arrives as it is sent
+            grant = self._accept(message["stream"], transient=True)
+            reader = RingReader(grant.mapping, *grant.events, timeout=max(0.0, message.get("deadline", 0.0) - time.time()))
+            self._streams.append(reader)
+            return StreamedEvent(message.get("method", "GET"), message.get("path", "/"), message.get("query") or {},
+                                 message.get("headers") or {}, None, None, reader)
         body = message.get("body", b"")
         capability = None
         if isinstance(body, Capability):

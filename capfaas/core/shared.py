@@ -15,6 +15,7 @@ import itertools
 import mmap
 import os
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from .capability import Capability, representable_alignment_mask
@@ -50,6 +51,8 @@ class SharedObject:
     readers: set[str] = field(default_factory=set)
     writers: set[str] = field(default_factory=set)
     revoked: bool = False
+    closers: list[Callable[[], object]] = field(default_factory=list)
+    """What the intravisor releases with the object (a stream's writing end and eventfds)."""
 
     @property
     def top(self) -> int:
@@ -146,6 +149,8 @@ class SharedArea:
             return
         obj.revoked = True
         self.used -= obj.size
+        for close in obj.closers:
+            close()
         try:
             if obj.kind != "buffer":
                 obj.mapping.close()  # the intravisor never keeps a view of these (see ``view``)

@@ -31,6 +31,7 @@ from capfaas.registry import (AlreadyExists, BundleTooLarge, DeploymentRecord, I
 
 from .async_calls import AsyncCalls, header_text
 from .capfiles import declared_files
+from .streaming import invoke_streaming
 from .logs import LogStore
 from .metrics import Metrics
 from .openapi import openapi_document
@@ -594,8 +595,9 @@ async def _run(request: web.Request, gateway: Gateway, name: str, call_id: str, 
         gateway.metrics.observe("capfaas_start_seconds", time.monotonic() - started, function_name=name)
     body: Any = prefix
     length: int | None = None
+    streamed = not complete and request.content_length is None and gateway.intravisor.broker.can_map(cvm)
     try:
-        if not complete:
+        if not complete and not streamed:
             async with asyncio.timeout(gateway.settings.body_timeout):
                 shared_as = call_id if "sequence" in deployed.info.record.extra else None
                 body, length = await _read_rest(request, gateway, cvm, prefix, shared_as)
@@ -623,7 +625,13 @@ async def _run(request: web.Request, gateway: Gateway, name: str, call_id: str, 
                             body=body, length=length, id=call_id)
     gateway.in_flight += 1
     try:
-        result = await gateway.intravisor.invoke(cvm, invocation)
+        if streamed:
+            result = await invoke_streaming(gateway, cvm, invocation, request, prefix)
+            if isinstance(result, web.StreamResponse):
+                pool.release(cvm)
+                return result
+        else:
+            result = await gateway.intravisor.invoke(cvm, invocation)
     except asyncio.CancelledError:
         _retire(gateway, pool, cvm, "the client went away during the invocation")
         raise
