@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .core.backend import select_backend
 from .core.intravisor import Intravisor, Invocation, Result
+from .core.outstream import collected
 from .core.spec import FunctionSpec, SpecError
 from .plugin_manager import make_plugin_manager
 
@@ -54,7 +55,7 @@ async def run_once(spec: FunctionSpec, invocation: Invocation, backend: str = "a
     backend_class = select_backend([cls for group in pm.hook.capfaas_backends() for cls in group], backend)
     async with Intravisor(backend_class(), pm, segment_size=LOCAL_SEGMENT, region_size=LOCAL_REGION) as iv:
         cvm = await iv.create(spec)
-        result = await iv.invoke(cvm, invocation)
+        result = await collected(await iv.invoke(cvm, invocation))
         if not isinstance(result.body, bytes):
             result = replace(result, body=bytes(result.body))  # the segment goes away with the intravisor
         return result

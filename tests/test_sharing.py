@@ -305,3 +305,60 @@ async def test_a_function_that_stops_reading_its_stream_leaves_the_gateway_servi
     assert response.status == 200 and await response.read() == bytes(5)
     again = await client.post("/function/quitter", data=chunks())
     assert again.status == 200
+
+
+STREAMER = """
+import hashlib
+def handle(event, context):
+    blocks = int(event.query.get("blocks", "4"))
+    fail_at = int(event.query.get("fail_at", "-1"))
+    def body():
+        block = bytes(range(256)) * 4096
+        for i in range(blocks):
+            if i == fail_at:
+                raise RuntimeError("the source ran dry")
+            yield block
+        yield context.call("producer").body[:16]  # requests still work while streaming
+    return {"headers": {"Content-Type": "application/x-blocks"}, "body": body()}
+"""
+
+ASYNC_STREAMER = """
+import asyncio
+async def handle(event, context):
+    async def body():
+        for word in ("streamed ", "from ", "an ", "async ", "generator"):
+            await asyncio.sleep(0)
+            yield word
+    return body()
+"""
+
+
+async def test_a_generator_streams_its_response_chunked(gw: Any) -> None:
+    import hashlib
+    import aiohttp
+    _, client = gw
+    await deploy(client, "streamer", STREAMER, limits={"memory": "128Mi"})
+    await deploy(client, "astreamer", ASYNC_STREAMER)
+    blocks = 192  # 192 MiB: more than the function's memory limit, so it never held all of it
+    response = await client.post(f"/function/streamer?blocks={blocks}")
+    assert response.status == 200 and response.headers["Transfer-Encoding"] == "chunked"
+    assert response.headers["Content-Type"] == "application/x-blocks"
+    digest, total = hashlib.sha256(), 0
+    async for chunk in response.content.iter_chunked(1 << 20):
+        digest.update(chunk)
+        total += len(chunk)
+    expected = hashlib.sha256()
+    for _ in range(blocks):
+        expected.update(bytes(range(256)) * 4096)
+    expected.update(bytes(range(16)))
+    assert total == blocks * (1 << 20) + 16 and digest.hexdigest() == expected.hexdigest()
+    response = await client.post("/function/astreamer")
+    assert await response.read() == b"streamed from an async generator"
+    broken = await client.post("/function/streamer?blocks=8&fail_at=3")
+    assert broken.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await broken.read()  # cut off: the client can tell the body is incomplete
+    logs = await (await client.get("/system/logs?name=streamer", headers=AUTH)).text()
+    assert "the source ran dry" in logs
+    again = await client.post("/function/streamer?blocks=1")
+    assert again.status == 200 and len(await again.read()) == (1 << 20) + 16

@@ -17,7 +17,7 @@ from .capability import Capability
 from .capfiles import check_name
 from .cvm import CVM
 from .perms import Perm
-from .ring import RingWriter, init_ring, ring_size
+from .ring import RingReader, RingWriter, init_ring, ring_size
 from .shared import SharedArea, SharedObject
 
 GiB = 1 << 30
@@ -104,18 +104,19 @@ class Broker:
         self._scoped.setdefault(root, []).append(obj)
         return self.area.capability(obj, writable=False), memoryview(obj.mapping)
 
-    def stream(self, cvm: CVM, capacity: int) -> tuple[SharedObject, RingWriter, dict[str, Any]]:
-        """A CAP_Stream into ``cvm``: the ring (a shared object the cVM is granted with the two
-        eventfds that wake each side), the intravisor's writing end, and the announcement for the
-        invocation. Whoever asked frees it (``area.free``) once it is done writing."""
+    def stream(self, cvm: CVM, capacity: int, *, into: bool = True) -> tuple[SharedObject, Any, dict[str, Any]]:
+        """A CAP_Stream into ``cvm`` (or out of it): the ring (a shared object the cVM is granted with
+        the two eventfds that wake each side), the intravisor's end (a ``RingWriter``, or a
+        ``RingReader``), and the announcement for the cVM. Whoever asked frees it (``area.free``)
+        once done with it."""
         obj = self.area.create("stream", ring_size(capacity), cvm.spec.name)
         init_ring(obj.mapping, capacity)
         data_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         space_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         obj.closers.append(lambda: (os.close(data_fd), os.close(space_fd)))
-        writer = RingWriter(obj.mapping, data_fd, space_fd, timeout=0)
-        obj.closers.insert(0, writer.close)
-        return obj, writer, self.grant(cvm, obj, writable=True, transient=True, extra_fds=(data_fd, space_fd))
+        end = (RingWriter if into else RingReader)(obj.mapping, data_fd, space_fd, timeout=0)
+        obj.closers.insert(0, end.close)
+        return obj, end, self.grant(cvm, obj, writable=True, transient=True, extra_fds=(data_fd, space_fd))
 
     def release(self, root: str) -> None:
         """Release the buffers of top-level invocation ``root`` (one that never ran)."""

@@ -13,7 +13,7 @@ from .capability import Capability
 from .spec import FunctionSpec
 
 
-REQUESTS = frozenset({"call", "buffer", "file"})
+REQUESTS = frozenset({"call", "buffer", "file", "stream"})
 """What a cVM may ask the intravisor mid-invocation; the answer is a ``called`` message."""
 
 
@@ -63,6 +63,8 @@ class CVM:
     """Grants of payloads for the running invocation: the cVM unmaps them when it ends."""
     root: str = ""
     """The id of the top-level invocation the running one serves (its own, or a caller's)."""
+    output: tuple[Any, Any] | None = None
+    """The CAP_Stream (object, reading end) the running invocation streams its response into."""
     _unpacker: Any = field(default=None, repr=False)
     _pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict, repr=False)
     _reader: asyncio.Task[None] | None = field(default=None, repr=False)

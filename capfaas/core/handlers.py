@@ -7,6 +7,7 @@ API Gateway proxy payload, so code written for those platforms runs unchanged.
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 import logging
 import time
@@ -182,6 +183,19 @@ def normalise(result: Any, capability_type: type) -> Response:
         return Response(status, headers, body)
     body, content_type = _body_and_type(result, capability_type)
     return Response(200, {"Content-Type": content_type} if content_type else {}, body)
+
+
+def streamed_response(result: Any) -> Response | None:
+    """A ``Response`` whose body is the generator (or async generator) a handler returned, bare or
+    as a dict's ``body``; None for any other result."""
+    body = result.get("body") if isinstance(result, Mapping) else result
+    if not (inspect.isgenerator(body) or inspect.isasyncgen(body)):
+        return None
+    response = normalise({**result, "body": None} if isinstance(result, Mapping) else None, type(None))
+    if not any(k.lower() == "content-type" for k in response.headers):
+        response.headers["Content-Type"] = "application/octet-stream"
+    response.body = body
+    return response
 
 
 class FrameworkRequest:

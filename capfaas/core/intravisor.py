@@ -23,6 +23,7 @@ from .broker import Broker, FileError, SharingUnavailable
 from .capability import Capability
 from .cvm import CVM, ChannelClosed, ProtocolViolation, State
 from .faults import CapabilityFault, TagFault
+from .outstream import STREAM_CAPACITY, OutputStream
 from .perms import CODE_PERMS, DATA_PERMS, Perm
 from .runtime import INLINE_LIMIT
 from .spec import FunctionSpec
@@ -90,6 +91,9 @@ class Result:
     duration: float = 0.0
     capability: Capability | None = None
     """The capability to ``body`` when it is a shared object, which can be granted on as it is."""
+    stream: Any = None
+    """An ``OutputStream`` when the function streams its body (then ``body`` is empty): read its
+    ``chunks()``, then ``finish()``; the cVM stays busy until then."""
 
 
 class Intravisor:
@@ -192,6 +196,9 @@ class Intravisor:
             return cvm.stop_reason
         cvm.state = State.STOPPED
         cvm.process.kill()
+        if cvm.output is not None:  # a stream it asked for and never answered with
+            self.broker.area.free(cvm.output[0])
+            cvm.output = None
         how = await cvm.process.wait()
         cvm.stop_reason = how
         self.cvms.pop(cvm.id, None)
@@ -246,6 +253,11 @@ class Intravisor:
         try:
             if request.get("op") == "buffer":
                 reply["grant"] = self.broker.buffer(cvm, request.get("size"))  # type: ignore[arg-type]
+            elif request.get("op") == "stream":
+                if cvm.output is not None:
+                    raise ValueError("this invocation already streams its response")
+                obj, reader, reply["grant"] = self.broker.stream(cvm, STREAM_CAPACITY, into=False)
+                cvm.output = (obj, reader)
             else:
                 reply.update(self.broker.file_request(cvm, request))
         except FileError as exc:
@@ -343,6 +355,11 @@ class Intravisor:
             async with asyncio.timeout(timeout):  # no extra task per call, unlike wait_for
                 reply = await cvm.exchange(message)
             result = self._result(cvm, reply)
+            if result.stream is not None:  # the body follows through a CAP_Stream: the cVM stays busy
+                result.stream = OutputStream(self, cvm, *result.stream, started + timeout,
+                                             None if invocation.chain else invocation.id)
+                result.stdout, result.stderr = cvm.process.console.take()
+                return result
             cvm.busy -= 1
             if not cvm.busy:
                 cvm.state = State.IDLE
@@ -413,12 +430,17 @@ class Intravisor:
         if not isinstance(headers, dict) or not isinstance(status, int):
             raise ProtocolViolation("malformed result status or headers")
         error = reply.get("error")
+        stream = None
+        if reply.get("stream"):
+            if cvm.output is None:
+                raise ProtocolViolation("a streamed result without a stream")
+            stream, cvm.output = cvm.output, None
         if isinstance(reply.get("rss"), int):
             cvm.peak_rss = reply["rss"]
         if isinstance(reply.get("cpu"), float):
             cvm.cpu_seconds = reply["cpu"]
         return Result(status, {str(k): str(v) for k, v in headers.items()}, body, "error" if error else "ok", error,
-                      capability=capability)
+                      capability=capability, stream=stream)
 
 
 def _raise_descriptor_limit() -> None:

@@ -288,6 +288,31 @@ class RingReader(_RingEnd):
         self._header[_TAIL] = self._tail
         self._notify()
 
+    def read_ready(self, size: int) -> bytes | None:
+        """Up to ``size`` bytes that are there now, without waiting: None when there are none yet,
+        b"" at the end of the stream. For a reader on an event loop, which waits on ``data_fd``."""
+        if self.closed:
+            raise ValueError("read from a closed ring reader")
+        fill = self._fill(self._header[_HEAD], self._tail)
+        if not fill:
+            if not self._header[_WRITER_CLOSED]:
+                return None
+            fill = self._fill(self._header[_HEAD], self._tail)  # writes before the close
+            if not fill:
+                return b""
+        n = min(fill, size)
+        start = self._tail % self.capacity
+        first = min(n, self.capacity - start)
+        out = self._data[start:start + n].tobytes() if first == n else \
+            b"".join((self._data[start:], self._data[:n - first]))
+        self._consumed(n)
+        return out
+
+    @property
+    def data_fd(self) -> int:
+        """The eventfd the writer signals when it publishes bytes or ends the stream."""
+        return self._wait_fd
+
     def readinto(self, buffer: Buffer) -> int:
         """Copy up to ``len(buffer)`` ready bytes straight from the ring; 0 at the end of the stream."""
         with memoryview(buffer) as view, view.cast("B") as target:

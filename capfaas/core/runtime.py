@@ -24,9 +24,9 @@ from .capability import Capability, representable_alignment_mask
 from .capfiles import Files, install_open
 from .grants import Grant, Grants
 from .perms import Perm
-from .handlers import (CallResult, Context, Event, FunctionCallError, HandlerResultError, SharedBuffer, StreamedEvent,
-                       adapt)
-from .ring import RingReader
+from .handlers import (CallResult, Context, Event, FunctionCallError, HandlerResultError, Response, SharedBuffer,
+                       StreamedEvent, adapt, streamed_response)
+from .ring import RingReader, RingWriter
 from .spec import FunctionSpec
 
 INLINE_LIMIT = 64 << 10
@@ -394,9 +394,48 @@ class Runtime:
             value = self.call(event, context)
             if inspect.isawaitable(value):
                 value = self.loop.run_until_complete(value)
+            streamed = streamed_response(value) if self.grants is not None else None
+            if streamed is not None:
+                return self._stream(reply, streamed, context)
             return self._finish(self._complete(reply, value, inline=False, called=bool(message.get("chain"))), None)
         except BaseException as exc:
             return self._finish(reply, exc)
+
+    def _stream(self, reply: dict[str, Any], response: Response, context: Context) -> dict[str, Any]:
+        """Answer with status and headers now, then write what the generator yields into a
+        CAP_Stream; returns the closing ``streamed`` message (with the error, if it raised)."""
+        granted = self.request({"op": "stream"})
+        if granted.get("error"):
+            raise RuntimeError(f"cannot stream the response: {granted['error'].get('message')}")
+        grant = self._accept(granted["grant"], transient=True)
+        writer = RingWriter(grant.mapping, *grant.events, timeout=max(context.remaining_time(), 0.001))
+        self.send({**reply, "status": response.status, "headers": response.headers, "stream": True})
+        closing: dict[str, Any] = {"op": "streamed", "id": reply["id"]}
+        try:
+            for chunk in self._chunks(response.body):
+                writer.write(chunk)
+        except BrokenPipeError:
+            pass  # the receiver went away: nothing more is wanted
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            traceback.print_exception(exc)
+            closing["error"] = error_report("handler", exc, self.spec)
+        finally:
+            writer.close()
+        return self._finish(closing, None)
+
+    def _chunks(self, body: Any) -> Any:
+        """The byte chunks of a generator or an async generator (run on this cVM's loop)."""
+        if inspect.isasyncgen(body):
+            while True:
+                try:
+                    chunk = self.loop.run_until_complete(body.__anext__())
+                except StopAsyncIteration:
+                    return
+                yield chunk.encode() if isinstance(chunk, str) else chunk
+        for chunk in body:
+            yield chunk.encode() if isinstance(chunk, str) else chunk
 
     async def invoke_async(self, message: dict[str, Any]) -> dict[str, Any]:
         """One of several concurrent invocations: results travel inline (no shared heap to split)."""

@@ -22,6 +22,7 @@ from capfaas import __version__
 from capfaas.core.broker import FileError
 from capfaas.core.capability import Capability
 from capfaas.core.intravisor import DEFAULT_REGION_SIZE, CVMStartError, FunctionLoadError, Intravisor, Invocation, Result
+from capfaas.core.outstream import StreamFailed
 from capfaas.core.runtime import INLINE_LIMIT
 from capfaas.core.spec import SpecError, check_name
 from capfaas.credentials import check_basic_auth
@@ -684,6 +685,8 @@ async def _respond(request: web.Request, gateway: Gateway, deployed: Any, result
     gateway.metrics.inc("gateway_function_invocation_total", function_name=name, code=code)
     gateway.metrics.observe("gateway_functions_seconds", result.duration, function_name=name, code=code)
     gateway.metrics.inc("capfaas_payload_bytes_total", len(body), function_name=name, direction="out")
+    if result.stream is not None and result.outcome == "ok" and status == result.status:
+        return await _respond_streaming(request, gateway, name, result, status, headers)
     if isinstance(body, bytes):  # the gateway's own copy (small results come inline): aiohttp sends it
         return web.Response(status=status, headers=headers, body=body)
     # a view of the cVM's memory: written before the instance is given back (the caller's finally)
@@ -709,6 +712,31 @@ async def _respond(request: web.Request, gateway: Gateway, deployed: Any, result
             request.transport.abort()
     finally:
         view.release()
+    return response
+
+
+async def _respond_streaming(request: web.Request, gateway: Gateway, name: str, result: Result, status: int,
+                             headers: dict[str, str]) -> web.StreamResponse:
+    """A streamed body, sent chunked as the function writes it; a stream that breaks off (the
+    generator raised, the time ran out) aborts the connection, so the client sees it incomplete."""
+    stream = result.stream
+    response = web.StreamResponse(status=status, headers=headers)
+    response.enable_chunked_encoding()
+    try:
+        await response.prepare(request)
+        async for chunk in stream.chunks():
+            async with asyncio.timeout(gateway.settings.body_timeout):  # a stalled reader frees the instance
+                await response.write(chunk)
+        error = await stream.finish()
+    except (StreamFailed, TimeoutError, ConnectionError) as exc:
+        await stream.abandon(f"its streamed response broke off: {exc}")
+        error = {"message": str(exc)}
+    if error:
+        gateway.logs.add(name, headers["X-Call-Id"], f"the streamed response broke off: {error.get('message')}".encode())
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
     return response
 
 

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from capfaas.core.backend import select_backend
 from capfaas.core.intravisor import Intravisor, Invocation
+from capfaas.core.outstream import collected
 from capfaas.credentials import admin_password, ensure_state_dir
 from capfaas.plugin_manager import make_plugin_manager
 from capfaas.registry import Registry
@@ -62,9 +63,9 @@ async def _invoke_queued(gateway: Gateway, queued: Queued) -> tuple[int, dict[st
     deployed, cvm, _ = acquired
     gateway.metrics.inc("gateway_function_invocation_started", function_name=queued.name)
     try:
-        result = await gateway.intravisor.invoke(cvm, Invocation(
+        result = await collected(await gateway.intravisor.invoke(cvm, Invocation(
             method=queued.method, path=queued.path, query=queued.query, headers=queued.headers,
-            body=queued.body, id=queued.call_id))
+            body=queued.body, id=queued.call_id)))  # a callback gets the whole body at once
     except asyncio.CancelledError:  # cancelled at shutdown: the instance is mid-call and cannot be reused
         _retire(gateway, deployed.pool, cvm, "asynchronous invocation abandoned")
         raise

@@ -18,8 +18,9 @@ from typing import Any
 import pluggy
 
 from capfaas.core.intravisor import Intravisor, Invocation, Result
-from capfaas.gateway.capfiles import create_declared, declared_files, delete_owned
+from capfaas.core.outstream import collected
 from capfaas.core.spec import FunctionSpec
+from capfaas.gateway.capfiles import create_declared, declared_files, delete_owned
 from capfaas.plugins.pooling import Scaling
 from capfaas.registry import DeploymentRecord, InvalidInput, NotFound, Registry, VersionInfo, check_bundle
 
@@ -207,7 +208,7 @@ class FunctionService:
         cvm, _ = await deployed.pool.acquire()
         try:
             deployed.invocations += 1
-            result = await self.intravisor.invoke(cvm, invocation, timeout)
+            result = await collected(await self.intravisor.invoke(cvm, invocation, timeout))
             if self.on_output is not None and (result.stdout or result.stderr):
                 self.on_output(name, invocation.id, result.stdout + result.stderr)
             if result.capability is not None:  # a shared object: it outlives the instance's invocation
