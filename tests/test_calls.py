@@ -150,3 +150,39 @@ async def test_a_sequence_hands_each_result_to_the_next_stage(gw: Any) -> None:
     too_long = await client.post("/system/functions", headers=AUTH,
                                  json={"service": "long-pipe", "code": {"sequence": ["upper"] * 8}})
     assert too_long.status == 400 and "at most 7 stages" in await too_long.text()
+
+
+ENTRY_CALLER = """
+from capfaas.core.capability import Capability
+from capfaas.core.entries import ENTRY_BASE
+from capfaas.core.perms import Perm
+def handle(event, context):
+    entry = context.entry("adder")
+    how = event.query.get("how", "entry")
+    if how == "entry":
+        return {"body": {"sealed": entry.sealed, "answer": context.call(entry, "[2, 3]").json()["sum"]}}
+    if how == "moved":
+        target = entry.set_address(entry.address + 16)  # any change to a sealed capability clears its tag
+    else:  # minted here, well-formed, for a slot the intravisor never issued to this cVM
+        key = Capability.root().set_address(4).set_bounds(1).and_permissions(Perm.SEAL | Perm.GLOBAL)
+        target = Capability.root().set_address(ENTRY_BASE + 16 * 7).set_bounds_exact(16).and_permissions(
+            Perm.LOAD | Perm.EXECUTE | Perm.GLOBAL).seal(key)
+    context.call(target, "[2, 3]")
+    return "called"
+"""
+
+
+async def test_call_targets_are_sealed_entries_only_the_intravisor_unseals(gw: Any) -> None:
+    _, client = gw
+    await deploy(client, "entries", ENTRY_CALLER)
+    assert await invoke(client, "entries") == (200, {"sealed": True, "answer": 5})
+    status, body = await invoke_query(client, "entries", "?how=moved")  # the caller is stopped for it
+    assert status == 502 and body["type"] == "CapabilityFault" and "not a tagged entry" in body["message"]
+    status, body = await invoke_query(client, "entries", "?how=forged")
+    assert status == 502 and body["type"] == "CapabilityFault" and "never issued" in body["message"]
+    assert await invoke(client, "entries") == (200, {"sealed": True, "answer": 5})  # a fresh instance serves
+
+
+async def invoke_query(client: Any, name: str, query: str) -> tuple[int, Any]:
+    response = await client.post(f"/function/{name}{query}")
+    return response.status, json.loads(await response.read())

@@ -362,3 +362,47 @@ async def test_a_generator_streams_its_response_chunked(gw: Any) -> None:
     assert "the source ran dry" in logs
     again = await client.post("/function/streamer?blocks=1")
     assert again.status == 200 and len(await again.read()) == (1 << 20) + 16
+
+
+PIPE_SOURCE = """
+from capfaas.core.handlers import FunctionCallError
+def handle(event, context):
+    target = event.query.get("to", "sink")
+    chunk = bytes(range(256)) * 256  # 64 KiB writes
+    try:
+        with context.stream_call(target) as stream:
+            for _ in range(int(event.query.get("chunks", "1024"))):
+                stream.write(chunk)
+    except BrokenPipeError:
+        return {"body": {"broken": True, "answer": stream.result.text}}
+    except FunctionCallError as exc:
+        return {"body": {"error": exc.kind, "status": exc.status}}
+    return stream.result.body
+"""
+
+PIPE_SINK = """
+import hashlib
+def handle(event, context):
+    if event.query.get("peek"):
+        return event.stream.read(5)
+    digest, total, buffer = hashlib.sha256(), 0, bytearray(1 << 16)
+    while n := event.stream.readinto(buffer):
+        digest.update(memoryview(buffer)[:n])
+        total += n
+    return {"body": {"bytes": total, "sha256": digest.hexdigest()}}
+"""
+
+
+async def test_a_function_streams_to_another_through_a_cap_stream(gw: Any) -> None:
+    import hashlib
+    _, client = gw
+    await deploy(client, "source", PIPE_SOURCE)
+    await deploy(client, "sink", PIPE_SINK)
+    await deploy(client, "peeker", PIPE_SINK.replace('event.query.get("peek")', "True"))
+    status, body = await call(client, "source", "?chunks=1024")  # 64 MiB, 16 times the ring
+    expected = hashlib.sha256(bytes(range(256)) * 256 * 1024).hexdigest()
+    assert status == 200 and body == {"bytes": 64 << 20, "sha256": expected}
+    status, body = await call(client, "source", "?to=peeker")
+    assert status == 200 and body == {"broken": True, "answer": "\x00\x01\x02\x03\x04"}  # it read 5 bytes, then left
+    status, body = await call(client, "source", "?to=nowhere&chunks=1")
+    assert status == 200 and body == {"error": "FunctionNotFound", "status": 404}

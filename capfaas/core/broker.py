@@ -93,6 +93,9 @@ class Broker:
         for object_id in cvm.transient:
             cvm.grants.pop(object_id, None)
         cvm.transient.clear()
+        for pipe in cvm.pipes.values():  # opened to a call that was never made
+            self.area.free(pipe)
+        cvm.pipes.clear()
         if top_level_id is not None:
             for obj in self._scoped.pop(top_level_id, ()):
                 self.area.free(obj)
@@ -104,19 +107,24 @@ class Broker:
         self._scoped.setdefault(root, []).append(obj)
         return self.area.capability(obj, writable=False), memoryview(obj.mapping)
 
-    def stream(self, cvm: CVM, capacity: int, *, into: bool = True) -> tuple[SharedObject, Any, dict[str, Any]]:
-        """A CAP_Stream into ``cvm`` (or out of it): the ring (a shared object the cVM is granted with
-        the two eventfds that wake each side), the intravisor's end (a ``RingWriter``, or a
-        ``RingReader``), and the announcement for the cVM. Whoever asked frees it (``area.free``)
-        once done with it."""
-        obj = self.area.create("stream", ring_size(capacity), cvm.spec.name)
+    def stream(self, owner: str, capacity: int) -> SharedObject:
+        """A CAP_Stream: a ring in a shared object, with the two eventfds that wake each side.
+        Whoever asked for it frees it (``area.free``) once both sides are done."""
+        obj = self.area.create("stream", ring_size(capacity), owner)
         init_ring(obj.mapping, capacity)
-        data_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        space_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        obj.closers.append(lambda: (os.close(data_fd), os.close(space_fd)))
-        end = (RingWriter if into else RingReader)(obj.mapping, data_fd, space_fd, timeout=0)
+        obj.events = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+        obj.closers.append(lambda: [os.close(fd) for fd in obj.events])
+        return obj
+
+    def stream_end(self, obj: SharedObject, *, writer: bool) -> Any:
+        """The intravisor's own end of a stream (non-blocking: it waits on the eventfds itself)."""
+        end = (RingWriter if writer else RingReader)(obj.mapping, *obj.events, timeout=0)
         obj.closers.insert(0, end.close)
-        return obj, end, self.grant(cvm, obj, writable=True, transient=True, extra_fds=(data_fd, space_fd))
+        return end
+
+    def grant_stream(self, cvm: CVM, obj: SharedObject) -> dict[str, Any]:
+        """Grant a stream's ring (read-write: each side publishes its counter) and its eventfds."""
+        return self.grant(cvm, obj, writable=True, transient=True, extra_fds=obj.events)
 
     def release(self, root: str) -> None:
         """Release the buffers of top-level invocation ``root`` (one that never ran)."""

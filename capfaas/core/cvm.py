@@ -13,7 +13,7 @@ from .capability import Capability
 from .spec import FunctionSpec
 
 
-REQUESTS = frozenset({"call", "buffer", "file", "stream"})
+REQUESTS = frozenset({"call", "entry", "buffer", "file", "stream"})
 """What a cVM may ask the intravisor mid-invocation; the answer is a ``called`` message."""
 
 
@@ -65,6 +65,10 @@ class CVM:
     """The id of the top-level invocation the running one serves (its own, or a caller's)."""
     output: tuple[Any, Any] | None = None
     """The CAP_Stream (object, reading end) the running invocation streams its response into."""
+    entries: set[Capability] = field(default_factory=set)
+    """The entry capabilities (call targets) the intravisor issued to this cVM."""
+    pipes: dict[int, Any] = field(default_factory=dict)
+    """CAP_Streams the running invocation opened to functions it is calling, by object id."""
     _unpacker: Any = field(default=None, repr=False)
     _pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict, repr=False)
     _reader: asyncio.Task[None] | None = field(default=None, repr=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import inspect
+import io
 import json
 import logging
 import time
@@ -78,21 +79,37 @@ class Context:
             raise RuntimeError("this context has no shared memory")
         return self.caller.buffer(size)
 
-    def call(self, function: str, data: Any = b"", headers: dict[str, str] | None = None) -> CallResult:
+    def entry(self, function: str) -> Any:
+        """The sealed entry capability for ``function``: what ``call`` really calls. Only the
+        intravisor can unseal it; this cVM can keep it and call through it, but not alter it."""
+        if self.caller is None:
+            raise RuntimeError("this context cannot call other functions")
+        return self.caller.entry(function)
+
+    def call(self, function: Any, data: Any = b"", headers: dict[str, str] | None = None) -> CallResult:
         """Invoke another deployed function, cVM to cVM through the intravisor (no HTTP).
 
-        ``data`` is bytes, a buffer, text (sent as UTF-8), or a capability from ``share``. The callee gets at most this
+        ``function`` is a name or an entry capability from ``entry``. ``data`` is bytes, a buffer,
+        text (sent as UTF-8), or a capability from ``share``. The callee gets at most this
         invocation's remaining time. A callee that raised, crashed or timed out raises
         ``FunctionCallError`` naming it; any status it chose itself comes back in the result."""
         if self.caller is None:
             raise RuntimeError("this context cannot call other functions")
         return self.caller.call_function(self, function, data, headers or {})
 
-    async def acall(self, function: str, data: Any = b"", headers: dict[str, str] | None = None) -> CallResult:
+    async def acall(self, function: Any, data: Any = b"", headers: dict[str, str] | None = None) -> CallResult:
         """``call`` for ``async def`` handlers."""
         if self.caller is None:
             raise RuntimeError("this context cannot call other functions")
         return await self.caller.acall_function(self, function, data, headers or {})
+
+    def stream_call(self, function: Any, headers: dict[str, str] | None = None) -> StreamCall:
+        """Call another function with a stream as its body (CAP_Streams): it runs and reads
+        ``event.stream`` while this function writes; use as ``with context.stream_call(name) as s:
+        s.write(...)``, then ``s.result`` is its ``CallResult``. A full stream blocks the writer."""
+        if self.caller is None:
+            raise RuntimeError("this context cannot call other functions")
+        return self.caller.stream_call(self, function, headers or {})
 
     def remaining_time(self) -> float:
         return max(0.0, self.deadline - time.time())
@@ -130,6 +147,39 @@ class CallResult:
 
     def json(self) -> Any:
         return json.loads(bytes(self.body))
+
+
+class StreamCall(io.RawIOBase):
+    """The writing end of a call's CAP_Stream (``Context.stream_call``)."""
+
+    def __init__(self, function: str, writer: Any, finish: Callable[[], CallResult]) -> None:
+        super().__init__()
+        self.function = function
+        self._writer = writer
+        self._finish = finish
+        self._result: CallResult | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        """Copy ``data`` into the stream, waiting while it is full; BrokenPipeError once the callee
+        has finished (``result`` then says how)."""
+        return self._writer.write(data)
+
+    def close(self) -> None:
+        """End the stream and wait for the callee's answer (a failed callee raises here)."""
+        if self.closed:
+            return
+        self._writer.close()
+        super().close()
+        self._result = self._finish()
+
+    @property
+    def result(self) -> CallResult:
+        if self._result is None:
+            raise RuntimeError(f"the stream to {self.function!r} is still open: close it first")
+        return self._result
 
 
 class FunctionCallError(Exception):

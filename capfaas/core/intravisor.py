@@ -22,6 +22,7 @@ from .backend import Backend, LaunchRequest, Region, TemplateFailed, TemplatePro
 from .broker import Broker, FileError, SharingUnavailable
 from .capability import Capability
 from .cvm import CVM, ChannelClosed, ProtocolViolation, State
+from .entries import EntryTable
 from .faults import CapabilityFault, TagFault
 from .outstream import STREAM_CAPACITY, OutputStream
 from .perms import CODE_PERMS, DATA_PERMS, Perm
@@ -72,8 +73,9 @@ class Invocation:
     """The functions that called their way to this invocation, outermost first."""
     root: str = ""
     """The top-level invocation this one serves (empty: it is one), whose end releases its buffers."""
-    stream: dict[str, Any] | None = None
-    """The announced CAP_Stream the body arrives on while the function runs (a chunked request)."""
+    stream: Any = None
+    """The CAP_Stream (a shared object) the body arrives on while the function runs: a chunked
+    request, or a calling function writing to it."""
 
 
 @dataclass
@@ -115,6 +117,8 @@ class Intravisor:
         self.broker = Broker(shared_budget, max_file_size=region_size // 2)
         """Shared objects: payload buffers handed between cVMs, and CAP_Files."""
         self.broker.cvms = self.cvms
+        self.entries = EntryTable()
+        """Sealed entry capabilities: the only call targets a cVM can name."""
         self.router: Callable[[str, Invocation, float], Awaitable[Result]] | None = None
         """Runs a call from one function to another by name (set by the gateway's service)."""
         self._invoke_hooks = bool(pm.hook.capfaas_before_invoke.get_hookimpls()
@@ -251,12 +255,24 @@ class Intravisor:
             return await self._route_call(cvm, request)
         reply: dict[str, Any] = {"op": "called", "call": request.get("call")}
         try:
-            if request.get("op") == "buffer":
+            if request.get("op") == "entry":
+                function = request.get("function")
+                if not isinstance(function, str) or not function:
+                    raise ValueError("an entry must name a function")
+                reply["entry"] = self.entries.entry(function)
+                cvm.entries.add(reply["entry"])
+            elif request.get("op") == "buffer":
                 reply["grant"] = self.broker.buffer(cvm, request.get("size"))  # type: ignore[arg-type]
-            elif request.get("op") == "stream":
+            elif request.get("op") == "stream" and "to" in request:  # to a function it is about to call
+                obj = self.broker.stream(cvm.spec.name, STREAM_CAPACITY)
+                reply["grant"] = self.broker.grant_stream(cvm, obj)
+                cvm.pipes[obj.id] = obj
+            elif request.get("op") == "stream":  # its own response
                 if cvm.output is not None:
                     raise ValueError("this invocation already streams its response")
-                obj, reader, reply["grant"] = self.broker.stream(cvm, STREAM_CAPACITY, into=False)
+                obj = self.broker.stream(cvm.spec.name, STREAM_CAPACITY)
+                reader = self.broker.stream_end(obj, writer=False)
+                reply["grant"] = self.broker.grant_stream(cvm, obj)
                 cvm.output = (obj, reader)
             else:
                 reply.update(self.broker.file_request(cvm, request))
@@ -270,12 +286,25 @@ class Intravisor:
     # -- calls between functions (CAP_Calls) ---------------------------------------------------
 
     async def _route_call(self, caller: CVM, call: dict[str, Any]) -> dict[str, Any]:
+        """A call, with the CAP_Stream the caller writes the callee's body into, if it opened one:
+        once the callee is done, a caller still writing is told (BrokenPipeError) and the ring freed."""
+        pipe = caller.pipes.pop(call.get("stream"), None) if call.get("stream") is not None else None
+        if call.get("stream") is not None and pipe is None:
+            return {"op": "called", "call": call.get("call"), "status": 400,
+                    "error": {"type": "BadCall", "message": "the call names a stream this invocation did not open"}}
+        try:
+            return await self._call(caller, call, pipe)
+        finally:
+            if pipe is not None:
+                self.broker.stream_end(pipe, writer=False).close()
+                self.broker.area.free(pipe)
+
+    async def _call(self, caller: CVM, call: dict[str, Any], pipe: Any) -> dict[str, Any]:
         """A cVM calls another function: check the call, run it on an instance, answer the caller.
 
         A capability argument must come from the caller's own authority. One to a shared object is
         granted to the callee read-only, nothing copied; one into the caller's region is copied once
         (each cVM maps only its own region). A large result comes back the same ways."""
-        name = call.get("function")
         chain = [str(n) for n in call.get("chain") or []]
         reply: dict[str, Any] = {"op": "called", "call": call.get("call")}
 
@@ -284,8 +313,12 @@ class Intravisor:
 
         if self.router is None:
             return failed(501, "CallUnavailable", "calls to other functions need the gateway (capfaas serve)")
-        if not isinstance(name, str):
-            return failed(400, "BadCall", "a call must name a function")
+        try:
+            name = self.entries.resolve(call.get("target"), caller.entries)
+        except CapabilityFault as exc:  # a forged or altered entry: the caller cannot be trusted
+            caller.fault = f"{type(exc).__name__}: {exc}"
+            asyncio.ensure_future(self.stop(caller, "fault"))
+            return failed(403, type(exc).__name__, str(exc))
         if name in chain:
             return failed(508, "CallCycle", "a call cycle: " + " -> ".join([*chain, name]))
         if len(chain) >= MAX_CALL_DEPTH:
@@ -309,7 +342,7 @@ class Intravisor:
         headers = call.get("headers") if isinstance(call.get("headers"), dict) else {}
         try:
             invocation = Invocation(method="POST", headers=headers, body=body, length=call.get("length"),
-                                    chain=chain, root=caller.root)
+                                    chain=chain, root=caller.root, stream=pipe)
             result = await self.router(name, invocation, remaining)
         except LookupError as exc:
             return failed(404, "FunctionNotFound", str(exc))
@@ -376,6 +409,13 @@ class Intravisor:
             else:
                 result = _failure(502, "crashed", "CVMCrashed",
                                   f"function {cvm.spec.name!r} crashed: its cVM {how}{_limit_hint(how)}")
+        except SharingUnavailable as exc:  # nothing was sent: the cVM is as it was
+            cvm.busy -= 1
+            if not cvm.busy:
+                cvm.state = State.IDLE
+            result = _failure(501, "error", "StreamUnavailable",
+                              f"function {cvm.spec.name!r} cannot receive a stream ({exc}): it must serve one "
+                              "invocation at a time on a backend that maps shared objects")
         except (ProtocolViolation, CapabilityFault) as exc:
             await self.stop(cvm, "fault")
             result = _failure(502, "fault", type(exc).__name__,
@@ -408,7 +448,7 @@ class Intravisor:
         if announced is not None:
             message["grant"] = announced
         if invocation.stream is not None:
-            message["stream"] = invocation.stream
+            message["stream"] = self.broker.grant_stream(cvm, invocation.stream)
         return message
 
     def _result(self, cvm: CVM, reply: dict[str, Any]) -> Result:

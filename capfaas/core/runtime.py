@@ -25,7 +25,7 @@ from .capfiles import Files, install_open
 from .grants import Grant, Grants
 from .perms import Perm
 from .handlers import (CallResult, Context, Event, FunctionCallError, HandlerResultError, Response, SharedBuffer,
-                       StreamedEvent, adapt, streamed_response)
+                       StreamCall, StreamedEvent, adapt, streamed_response)
 from .ring import RingReader, RingWriter
 from .spec import FunctionSpec
 
@@ -115,6 +115,11 @@ def _packed(reply: dict[str, Any]) -> bytes:
                                     "message": f"the result cannot be sent: {exc}"}})
 
 
+def _label(function: str | Capability) -> str:
+    """How errors name a call target."""
+    return function if isinstance(function, str) else "a function by entry capability"
+
+
 def _flush(*streams: Any) -> None:
     for stream in streams:
         try:
@@ -133,6 +138,8 @@ class Runtime:
         self.grants = grants
         """Shared objects granted to this cVM; None where the backend cannot pass them (copies instead)."""
         self.files = Files(self.request, lambda announced: self._accept(announced, transient=False))
+        self._entries: dict[str, Capability] = {}
+        """Entry capabilities of the functions this cVM called, by name."""
         self._streams: list[RingReader] = []
         """CAP_Streams of the running invocation, closed when it ends."""
         self.unpacker = wire.unpacker(max_buffer_size=1 << 31)  # the intravisor is trusted
@@ -299,10 +306,35 @@ class Runtime:
 
     # -- calls to other functions (CAP_Calls) ----------------------------------------------------
 
-    def _call_message(self, context: Context, function: str, data: Any, headers: dict[str, str]) -> dict[str, Any]:
+    def entry(self, function: str | Capability) -> Capability:
+        """The sealed entry capability that calls ``function`` (asked for once, then kept)."""
+        if isinstance(function, Capability):
+            return function
+        entry = self._entries.get(function)
+        if entry is None:
+            entry = self._entries[function] = self._entry_from(function, self.request({"op": "entry", "function": function}))
+        return entry
+
+    async def aentry(self, function: str | Capability) -> Capability:
+        if isinstance(function, Capability) or function in self._entries:
+            return self.entry(function)
+        reply = await self._arequest({"op": "entry", "function": function})
+        entry = self._entries[function] = self._entry_from(function, reply)
+        return entry
+
+    @staticmethod
+    def _entry_from(function: str, reply: dict[str, Any]) -> Capability:
+        error = reply.get("error")
+        if error or not isinstance(reply.get("entry"), Capability):
+            error = error or {}
+            raise FunctionCallError(function, str(error.get("type", "BadCall")), str(error.get("message", "no entry")),
+                                    int(reply.get("status", 400)))
+        return reply["entry"]
+
+    def _call_message(self, context: Context, target: Capability, data: Any, headers: dict[str, str]) -> dict[str, Any]:
         self._next_call += 1
         message: dict[str, Any] = {"op": "call", "call": f"{context.invocation_id}/{self._next_call}",
-                                   "function": function, "headers": dict(headers), "deadline": context.deadline,
+                                   "target": target, "headers": dict(headers), "deadline": context.deadline,
                                    "chain": [*self._chains.get(context.invocation_id, ()), self.spec.name]}
         if isinstance(data, str):
             data = data.encode()
@@ -343,26 +375,54 @@ class Runtime:
             self._next_call += 1
             message = {**message, "call": f"request/{self._next_call}"}
         self.send(message)
+        return self._reply_to(message["call"])
+
+    def _reply_to(self, call_id: str) -> dict[str, Any]:
         while True:
             reply = self.receive()
             if reply is None or reply.get("op") == "stop":
                 raise SystemExit(0)  # the intravisor went away or stopped us mid-call
-            if reply.get("op") == "called" and reply.get("call") == message["call"]:
+            if reply.get("op") == "called" and reply.get("call") == call_id:
                 return reply
 
-    def call_function(self, context: Context, function: str, data: Any, headers: dict[str, str]) -> CallResult:
-        return self._call_result(function, self.request(self._call_message(context, function, data, headers)))
+    def call_function(self, context: Context, function: str | Capability, data: Any,
+                      headers: dict[str, str]) -> CallResult:
+        message = self._call_message(context, self.entry(function), data, headers)
+        return self._call_result(_label(function), self.request(message))
 
-    async def acall_function(self, context: Context, function: str, data: Any, headers: dict[str, str]) -> CallResult:
+    def stream_call(self, context: Context, function: str | Capability, headers: dict[str, str]) -> StreamCall:
+        """Call ``function`` with a CAP_Stream as its body: it runs, reading ``event.stream``, while
+        this function writes to the returned stream; closing it ends the body and gives the result."""
+        target = self.entry(function)
+        granted = self.request({"op": "stream", "to": _label(function)})
+        if granted.get("error"):
+            raise RuntimeError(f"cannot open a stream to {_label(function)!r}: {granted['error'].get('message')}")
+        grant = self._accept(granted["grant"], transient=True)
+        writer = RingWriter(grant.mapping, *grant.events, timeout=max(context.remaining_time(), 0.001))
+        message = self._call_message(context, target, b"", headers)
+        message["stream"] = grant.id
+        self.send(message)  # the callee starts now; its answer is read when the stream is closed
+        name = _label(function)
+        return StreamCall(name, writer, lambda: self._call_result(name, self._reply_to(message["call"])))
+
+    async def acall_function(self, context: Context, function: str | Capability, data: Any,
+                             headers: dict[str, str]) -> CallResult:
         if self.spec.limits.concurrency == 1:
             return self.call_function(context, function, data, headers)
-        message = self._call_message(context, function, data, headers)
+        message = self._call_message(context, await self.aentry(function), data, headers)
+        return self._call_result(_label(function), await self._arequest(message))
+
+    async def _arequest(self, message: dict[str, Any]) -> dict[str, Any]:
+        """``request`` for a cVM serving invocations concurrently: the answer comes by id."""
+        if "call" not in message:
+            self._next_call += 1
+            message = {**message, "call": f"request/{self._next_call}"}
         answer = self.loop.create_future()
         self._calls[message["call"]] = answer
         try:
             async with self._sending:
                 await self.loop.sock_sendall(self.sock, wire.pack(message))
-            return self._call_result(function, await answer)
+            return await answer
         finally:
             self._calls.pop(message["call"], None)
 

@@ -51,8 +51,10 @@ class SharedObject:
     readers: set[str] = field(default_factory=set)
     writers: set[str] = field(default_factory=set)
     revoked: bool = False
+    events: tuple[int, ...] = ()
+    """A stream's eventfds (data available, space available), granted along with it."""
     closers: list[Callable[[], object]] = field(default_factory=list)
-    """What the intravisor releases with the object (a stream's writing end and eventfds)."""
+    """What the intravisor releases with the object (its end of a stream, the eventfds)."""
 
     @property
     def top(self) -> int:
@@ -143,8 +145,9 @@ class SharedArea:
 
     def free(self, obj: SharedObject) -> None:
         """Forget ``obj``; a CAP_File is also revoked: its memfd is truncated, so every holder's later
-        access faults. A payload buffer is not truncated, since views of it may still be in use (an
-        HTTP response being sent); its memory goes when the last mapping does."""
+        access faults. Payload buffers and stream rings are not truncated, since views of them may
+        still be in use (an HTTP response being sent, a writer mid-copy); their memory goes when
+        the last mapping does."""
         if self.objects.pop(obj.id, None) is None:
             return
         obj.revoked = True
@@ -152,7 +155,7 @@ class SharedArea:
         for close in obj.closers:
             close()
         try:
-            if obj.kind != "buffer":
+            if obj.kind == "file":
                 obj.mapping.close()  # the intravisor never keeps a view of these (see ``view``)
                 os.ftruncate(obj.fd, 0)  # shrinking is allowed: only growth is sealed
         finally:

@@ -65,8 +65,9 @@ async def invoke_streaming(gateway: Any, cvm: Any, invocation: Any, request: web
     """Run ``invocation`` with its body streamed from ``request``; returns the Result, or an HTTP
     error response when the body could not be delivered (too large, or the client went away)."""
     broker = gateway.intravisor.broker
-    obj, writer, announced = broker.stream(cvm, STREAM_CAPACITY)
-    invocation.stream = announced
+    obj = broker.stream(cvm.spec.name, STREAM_CAPACITY)
+    writer = broker.stream_end(obj, writer=True)
+    invocation.stream = obj
     sending = asyncio.ensure_future(pump(request, writer, prefix, gateway.settings.max_body))
     problem: web.Response | None = None
 
