@@ -214,3 +214,46 @@ async def test_init_code_in_a_template_cannot_fork(intravisor, bundles) -> None:
     with pytest.raises(FunctionLoadError, match="PermissionError.*fork"):
         await pool.acquire()
     await pool.close()
+
+
+async def _spare_of(pool: FunctionPool) -> int:
+    """The pid of the clone the pool's template forked ahead of need, once it is there."""
+    for _ in range(200):
+        if pool.template._spares:
+            return pool.template._spares[-1][0]
+        await asyncio.sleep(0.01)
+    raise AssertionError("the template forked no spare clone")
+
+
+async def test_a_cold_start_takes_the_spare_clone_and_the_template_forks_the_next(intravisor, bundles) -> None:
+    import json
+    import os
+
+    pool = FunctionPool(intravisor, spec(bundles, "spared", LIFECYCLE), Scaling(max=2))
+    await pool.prepare()
+    spare = await _spare_of(pool)
+    cvm, cold = await pool.acquire()
+    try:
+        assert cold and cvm.process.pid == spare  # the clone forked ahead became the instance
+        answer = json.loads(bytes((await intravisor.invoke(cvm, Invocation())).body))
+        assert answer["pid"] == spare and ("after_restore", spare) in [tuple(e) for e in answer["events"]]
+    finally:
+        pool.release(cvm)
+    following = await _spare_of(pool)
+    assert following != spare
+    second, _ = await pool.acquire()
+    try:
+        other = json.loads(bytes((await intravisor.invoke(second, Invocation())).body))
+        assert other["random"] != answer["random"]  # each clone reseeded when it became an instance
+    finally:
+        pool.release(second)
+    leftover = await _spare_of(pool)
+    await pool.close()
+    for _ in range(200):  # the template is gone, and with it the clone nobody took
+        try:
+            os.kill(leftover, 0)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError(f"the spare clone {leftover} outlived its template")

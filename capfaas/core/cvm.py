@@ -50,6 +50,8 @@ class CVM:
     cpu_seconds: float = 0.0
     """CPU time the cVM has used over its life, as it last reported."""
     stop_reason: str = ""
+    expired: bool = False
+    """Whether an invocation's timeout fired and killed this cVM."""
     fault: str = ""
     """Why the intravisor stopped this cVM for breaking a capability rule, if it did."""
     in_flight: int = 0

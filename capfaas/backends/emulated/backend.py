@@ -100,6 +100,8 @@ class EmulatedTemplate(TemplateProcess):
         loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._forked: dict[int, asyncio.Future[int]] = {}
+        self._spares: list[tuple[int, socket.socket]] = []
+        """Clones the template forked ahead of need: their pid and the socket that wakes each."""
         self._reader = asyncio.ensure_future(self._read())
 
     async def started(self) -> None:
@@ -113,13 +115,26 @@ class EmulatedTemplate(TemplateProcess):
             self.kill()
             raise TemplateFailed(report.get("error") or {})
 
-    async def _read(self) -> None:
+    async def _receive(self) -> tuple[bytes, list[int]]:
+        """The template's next report and the descriptor it may carry (a spare clone's socket)."""
         loop = asyncio.get_running_loop()
         while True:
             try:
-                data = await loop.sock_recv(self.sock, 1 << 16)
+                data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 1)
+                return data, fds
+            except BlockingIOError:
+                readable = loop.create_future()
+                loop.add_reader(self.sock, lambda: readable.done() or readable.set_result(None))
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(self.sock)
             except OSError:
-                data = b""
+                return b"", []
+
+    async def _read(self) -> None:
+        while True:
+            data, fds = await self._receive()
             if not data:
                 how = "the template ended"
                 if not self._ready.done():
@@ -134,14 +149,18 @@ class EmulatedTemplate(TemplateProcess):
                 op = report.get("op")
                 if op in ("ready", "failed") and not self._ready.done():
                     self._ready.set_result(report)
+                elif op == "spare" and len(fds) == 1:
+                    self._spares.append((report["pid"], socket.socket(fileno=fds.pop())))
                 elif op == "forked":
                     waiter = self._forked.pop(report["cvm"], None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(report["pid"])
-                elif op == "exited":
+                elif op == "exited" and not self.backend.unwatched(report["pid"]):
                     ended = self.backend.exit_future(report["pid"])
                     if not ended.done():
                         ended.set_result(report["how"])
+            for fd in fds:
+                os.close(fd)
 
     async def fork(self, request: LaunchRequest) -> CVMProcess:
         """Clone an instance: its region and console travel on its control socket before it is
@@ -152,16 +171,37 @@ class EmulatedTemplate(TemplateProcess):
         region = {"op": "region", "segment_size": self.backend.memory.size, "ddc": request.ddc, "pcc": request.pcc,
                   "region": {"base": request.region.base, "size": request.region.size, "offset": request.region.offset}}
         (out_r, out_w), (err_r, err_w) = console_pipes()
-        forked = self._forked[request.cvm_id] = loop.create_future()
         try:
             socket.send_fds(ours, [wire.pack(region)], [self.backend.memory.fd, out_w, err_w, grants_theirs.fileno()])
-            socket.send_fds(self.sock, [wire.pack({"op": "fork", "cvm_id": request.cvm_id})], [theirs.fileno()])
+            pid = self._wake_spare(theirs)
+            if pid is None:
+                forked = self._forked[request.cvm_id] = loop.create_future()
+                socket.send_fds(self.sock, [wire.pack({"op": "fork", "cvm_id": request.cvm_id})], [theirs.fileno()])
         finally:
             for fd in (theirs.detach(), grants_theirs.detach(), out_w, err_w):
                 os.close(fd)
-        pid = await _reported(forked, lambda: self._forked.pop(request.cvm_id, None), ours.close, grants_ours.close,
-                              lambda: os.close(out_r), lambda: os.close(err_r))
+        if pid is None:
+            pid = await _reported(forked, lambda: self._forked.pop(request.cvm_id, None), ours.close,
+                                  grants_ours.close, lambda: os.close(out_r), lambda: os.close(err_r))
         return await _attach(pid, ours, grants_ours, out_r, err_r, request, self.backend.exit_future(pid))
+
+    def _wake_spare(self, control: socket.socket) -> int | None:
+        """Give a spare clone its control channel; its pid, or None when no spare is left."""
+        while self._spares:
+            pid, handoff = self._spares.pop()
+            try:
+                socket.send_fds(handoff, [b"go"], [control.fileno()])
+            except OSError:  # that clone is gone
+                self.backend.unwatch(pid)
+                continue
+            finally:
+                handoff.close()
+            try:
+                self.sock.send(wire.pack({"op": "spare-taken"}))  # the template forks the next one
+            except OSError:
+                pass
+            return pid
+        return None
 
     def kill(self) -> None:
         try:
@@ -170,6 +210,10 @@ class EmulatedTemplate(TemplateProcess):
             pass
         self._reader.cancel()
         self.sock.close()
+        for pid, handoff in self._spares:
+            handoff.close()  # the clone sees its socket close and exits
+            self.backend.unwatch(pid)
+        self._spares.clear()
 
 
 class EmulatedBackend(Backend):
@@ -191,6 +235,8 @@ class EmulatedBackend(Backend):
         self._sock: socket.socket | None = None
         self._launched: dict[int, asyncio.Future[int]] = {}
         self._exits: dict[int, asyncio.Future[str]] = {}
+        self._unwatched: set[int] = set()
+        """Spare clones that will never become cVMs: nobody waits for their exit."""
         self._reader: asyncio.Task[None] | None = None
         self._template_ids = 0
         self._drain: asyncio.Task[None] | None = None
@@ -254,7 +300,7 @@ class EmulatedBackend(Backend):
                     waiter = self._launched.pop(report["cvm"], None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(report["pid"])
-                elif op == "exited":
+                elif op == "exited" and not self.unwatched(report["pid"]):
                     ended = self._exits.setdefault(report["pid"], loop.create_future())
                     if not ended.done():
                         ended.set_result(report["how"])
@@ -308,6 +354,18 @@ class EmulatedBackend(Backend):
     def exit_future(self, pid: int) -> asyncio.Future[str]:
         """Resolved with how ``pid`` ended, whoever reports it (its template or the generic one)."""
         return self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
+
+    def unwatch(self, pid: int) -> None:
+        """Nobody will wait for ``pid``'s exit (a spare clone let go): do not keep its report."""
+        self._exits.pop(pid, None)
+        self._unwatched.add(pid)
+
+    def unwatched(self, pid: int) -> bool:
+        """Whether ``pid``'s exit report is to be dropped (and forget it from now on)."""
+        if pid in self._unwatched:
+            self._unwatched.discard(pid)
+            return True
+        return False
 
     def forget(self, pid: int) -> None:
         """Drop the bookkeeping of a cVM that has ended."""

@@ -13,10 +13,12 @@ import gc
 import os
 import random
 import resource
+import select
 import selectors
 import signal
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,9 @@ from .layout import WINDOW_ALIGN
 from .memory import TaggedMemory
 
 MAX_MESSAGE = 1 << 20
+SPARE_DELAY = 0.005
+"""Seconds a template waits after its spare clone was taken before forking the next, so the fork
+does not compete for the CPU with the instance that is starting."""
 
 
 def spec_from_wire(data: dict[str, Any]) -> FunctionSpec:
@@ -66,14 +71,19 @@ def _scrub_segment_descriptors(keep: set[int], memfd: int) -> None:
 
     Python's mmap keeps a private duplicate of the file it maps; with it, code in the cVM could
     ``pread`` any other cVM's memory. Replacing it (rather than closing it) keeps mmap's own
-    bookkeeping valid while leaving nothing behind that reaches the segment. Descriptors are
-    probed with fstat, not listed from /proc, since a confined process cannot see /proc.
+    bookkeeping valid while leaving nothing behind that reaches the segment. A confined process
+    cannot list /proc/self/fd, so one poll over every possible descriptor finds the open ones
+    (a closed one answers POLLNVAL), and only those are checked with fstat.
     """
     target = os.fstat(memfd)
     devnull = os.open(os.devnull, os.O_RDWR)
     highest = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1 << 16)
+    probe = select.poll()
     for fd in range(highest):
-        if fd in keep or fd == devnull:
+        probe.register(fd, 0)
+    closed = {fd for fd, events in probe.poll(0) if events & select.POLLNVAL}
+    for fd in range(highest):
+        if fd in closed or fd in keep or fd == devnull:
             continue
         try:
             info = os.fstat(fd)
@@ -170,33 +180,85 @@ def run_function_template(message: dict[str, Any], control_fd: int, libos: Any) 
     reaper = ChildReaper(send)
     gc.freeze()  # what exists now is shared with every instance: keep the collector off its pages
     send({"op": "ready", "pid": os.getpid()})
+
+    def clone(body: Any) -> int:
+        pid = libos.fork()
+        if pid == 0:
+            status = 70
+            try:
+                reaper.forget_in_child()
+                control.close()
+                status = body()
+            except BaseException:  # nothing may escape a forked child back into the template
+                traceback.print_exc()  # to the backend's diagnostic tail
+                status = 70
+            finally:
+                os._exit(status)
+        reaper.children.add(pid)
+        return pid
+
+    def fork_spare() -> None:
+        """Fork the next instance ahead of need and give the intravisor the socket that wakes it.
+
+        Forking is the slowest step of a cold start (milliseconds on a virtual machine, where page
+        tables are costly to copy), so a template keeps one clone forked and sealed before any
+        request needs it. The clone holds no region and serves nothing until the intravisor sends
+        it a control channel, and with it a region: it is not a warm instance."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = clone(lambda: (ours.close(), run_spare(theirs, spec, module, handler, libos, space))[1])
+            socket.send_fds(control, [wire.pack({"op": "spare", "pid": pid})], [ours.fileno()])
+        except OSError:  # out of processes or memory: instances are forked on demand instead
+            pass
+        finally:
+            ours.close()
+            theirs.close()
+
+    fork_spare()
+    spare_due: float | None = None
     while True:
-        for ready in reaper.wait_readable(control):
+        wait = None if spare_due is None else max(0.0, spare_due - time.monotonic())
+        readable = reaper.wait_readable(control, timeout=wait)
+        if spare_due is not None and time.monotonic() >= spare_due:
+            spare_due = None
+            fork_spare()
+        for ready in readable:
             if ready is not control:
                 continue
             data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1)
             if not data:
                 return 0
             request = _one_message(data)
+            if request.get("op") == "spare-taken" and not fds:
+                spare_due = time.monotonic() + SPARE_DELAY
+                continue
             if request.get("op") != "fork" or len(fds) != 1:
                 for fd in fds:
                     os.close(fd)
                 continue
-            pid = libos.fork()
-            if pid == 0:
-                status = 70
-                try:
-                    reaper.forget_in_child()
-                    control.close()
-                    status = run_instance(fds[0], spec, module, handler, libos, space)
-                except BaseException:  # nothing may escape a forked child back into the template
-                    traceback.print_exc()  # to the backend's diagnostic tail
-                    status = 70
-                finally:
-                    os._exit(status)
+            pid = clone(lambda: run_instance(fds[0], spec, module, handler, libos, space))
             os.close(fds[0])
-            reaper.children.add(pid)
             send({"op": "forked", "cvm": request["cvm_id"], "pid": pid})
+
+
+def run_spare(handoff: socket.socket, spec: FunctionSpec, module: Any, handler: Any, libos: Any,
+              space: GrantSpace) -> int:
+    """A spare clone: seal now, then wait for a control channel and become an instance.
+
+    While it waits, it runs the invocation path once on a no-op handler, so the pages that path
+    writes (reference counts, caches) are copied from the template now, not on the first request."""
+    libos.seal()
+    ours, theirs = socket.socketpair()
+    try:
+        Runtime(ours, spec, Region(None, None, 0)).rehearse(rounds=2)
+    finally:
+        ours.close()
+        theirs.close()
+    data, fds, _, _ = socket.recv_fds(handoff, 16, 1)
+    handoff.close()
+    if not data or len(fds) != 1:
+        return 0  # the template went away before needing this clone
+    return run_instance(fds[0], spec, module, handler, libos, space, sealed=True)
 
 
 def _rehearse(spec: FunctionSpec) -> None:
@@ -213,8 +275,9 @@ def _rehearse(spec: FunctionSpec) -> None:
         memory.close()
 
 
-def run_instance(control_fd: int, spec: FunctionSpec, module: Any, handler: Any, libos: Any, space: GrantSpace) -> int:
-    """One instance forked from a function template."""
+def run_instance(control_fd: int, spec: FunctionSpec, module: Any, handler: Any, libos: Any, space: GrantSpace,
+                 *, sealed: bool = False) -> int:
+    """One instance forked from a function template (``sealed``: a spare that sealed itself already)."""
     control = socket.socket(fileno=control_fd)
     data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 4)
     launch = _one_message(data)
@@ -222,7 +285,8 @@ def run_instance(control_fd: int, spec: FunctionSpec, module: Any, handler: Any,
         return 72
     attach_console(fds[1], fds[2])
     mapped: list[Region] = []
-    libos.seal(lambda: mapped.append(map_region(launch, fds[0], control_fd)))
+    prepare = lambda: mapped.append(map_region(launch, fds[0], control_fd))  # noqa: E731
+    libos.runtime_mapping(prepare) if sealed else libos.seal(prepare)
     region = mapped[0]
     random.seed(os.urandom(32))  # no two instances share the template's random state
     runtime = Runtime(control, spec, region, Grants(socket.socket(fileno=fds[3]), space))
@@ -259,13 +323,14 @@ class ChildReaper:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wakeup_r, selectors.EVENT_READ)
 
-    def wait_readable(self, *sources: Any) -> list[Any]:
-        """Block until a source is readable; reap on the way. Returns the readable sources."""
+    def wait_readable(self, *sources: Any, timeout: float | None = None) -> list[Any]:
+        """Block until a source is readable (or ``timeout`` passes); reap on the way. Returns the
+        readable sources."""
         for source in sources:
             if source not in self._registered():
                 self.selector.register(source, selectors.EVENT_READ)
         ready = []
-        for key, _ in self.selector.select():
+        for key, _ in self.selector.select(timeout):
             if key.fileobj == self.wakeup_r:
                 os.read(self.wakeup_r, 4096)
                 self.reap()

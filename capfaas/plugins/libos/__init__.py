@@ -175,6 +175,20 @@ class LibraryOS:
         finally:
             self._guard.fork_allowed = False  # in the parent and in the child alike
 
+    def runtime_mapping(self, prepare: Callable[[], object]) -> None:
+        """Run ``prepare`` (the runtime mapping its region) with the raw-memory rule lifted.
+
+        For a child that sealed itself before it knew its region (a spare clone): only the
+        runtime's code runs then, in a process with one thread, and the rule is back on return."""
+        if self._guard is None:
+            prepare()
+            return
+        self._guard.runtime_mapping = True
+        try:
+            prepare()
+        finally:
+            self._guard.runtime_mapping = False
+
     def map_shared(self, *args: Any, **kwargs: Any) -> Any:
         """``mmap.mmap(*args, **kwargs)`` for the runtime, with the raw-memory rule lifted for the
         one call: it maps grants (objects another cVM shares) and reserves address space for them.
@@ -198,11 +212,7 @@ class LibraryOS:
         if self._guard is None:
             raise RuntimeError("seal() is for a process confined with enter(allow_fork=True)")
         if prepare is not None:
-            self._guard.runtime_mapping = True
-            try:
-                prepare()
-            finally:
-                self._guard.runtime_mapping = False
+            self.runtime_mapping(prepare)
         arch = current_arch()
         if self._seal is not None and arch is not None:
             self._seal.install(seal_filter(arch, os.getpid()))
