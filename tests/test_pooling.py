@@ -257,3 +257,32 @@ async def test_a_cold_start_takes_the_spare_clone_and_the_template_forks_the_nex
         await asyncio.sleep(0.01)
     else:
         raise AssertionError(f"the spare clone {leftover} outlived its template")
+
+
+PROBER = """
+    import os
+    def handle(event, context):
+        return {"body": [fd for fd in range(3, 1024) if _is_segment(fd)]}
+    def _is_segment(fd):
+        try:
+            return os.fstat(fd).st_size > (8 << 30)
+        except OSError:
+            return False
+"""
+
+
+async def test_clones_keep_no_descriptor_to_the_segment(intravisor, bundles) -> None:
+    import json
+
+    pool = FunctionPool(intravisor, spec(bundles, "prober", PROBER), Scaling(max=2))
+    await pool.prepare()
+    await _spare_of(pool)
+    first, _ = await pool.acquire()  # the spare clone
+    second, _ = await pool.acquire()  # forked on demand: the next spare is not there yet
+    try:
+        for cvm in (first, second):
+            assert json.loads(bytes((await intravisor.invoke(cvm, Invocation())).body)) == []
+    finally:
+        pool.release(first)
+        pool.release(second)
+    await pool.close()

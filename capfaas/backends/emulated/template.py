@@ -13,7 +13,6 @@ import gc
 import os
 import random
 import resource
-import select
 import selectors
 import signal
 import socket
@@ -66,24 +65,20 @@ def _address_space_size() -> int:
     return 0
 
 
-def _scrub_segment_descriptors(keep: set[int], memfd: int) -> None:
-    """Point every descriptor that still reaches the segment at /dev/null.
+def _scrub_segment_descriptors(keep: set[int], memfd: int, below: int) -> None:
+    """Point every descriptor below ``below`` that reaches the segment at /dev/null.
 
     Python's mmap keeps a private duplicate of the file it maps; with it, code in the cVM could
     ``pread`` any other cVM's memory. Replacing it (rather than closing it) keeps mmap's own
-    bookkeeping valid while leaving nothing behind that reaches the segment. A confined process
-    cannot list /proc/self/fd, so one poll over every possible descriptor finds the open ones
-    (a closed one answers POLLNVAL), and only those are checked with fstat.
+    bookkeeping valid while leaving nothing behind that reaches the segment. The kernel gives
+    every new descriptor the lowest free number, so those duplicates all lie below the lowest
+    number still free after mapping (``below``): only that range needs checking (a confined
+    process cannot list /proc/self/fd).
     """
     target = os.fstat(memfd)
     devnull = os.open(os.devnull, os.O_RDWR)
-    highest = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1 << 16)
-    probe = select.poll()
-    for fd in range(highest):
-        probe.register(fd, 0)
-    closed = {fd for fd, events in probe.poll(0) if events & select.POLLNVAL}
-    for fd in range(highest):
-        if fd in closed or fd in keep or fd == devnull:
+    for fd in range(below):
+        if fd in keep or fd == devnull:
             continue
         try:
             info = os.fstat(fd)
@@ -99,7 +94,9 @@ def map_region(launch: dict[str, Any], memfd: int, control_fd: int) -> Region:
     region = launch["region"]
     memory = TaggedMemory(region["size"], base=region["base"], fd=os.dup(memfd),
                           offset=region["offset"], segment_size=launch["segment_size"])
-    _scrub_segment_descriptors({control_fd}, memfd)
+    lowest_free = os.dup(memfd)
+    os.close(lowest_free)
+    _scrub_segment_descriptors({control_fd}, memfd, max(lowest_free, memfd + 1))
     os.close(memfd)
     return Region(memory, launch["ddc"], region["base"] + region["size"] // 2)
 
