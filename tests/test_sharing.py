@@ -406,3 +406,32 @@ async def test_a_function_streams_to_another_through_a_cap_stream(gw: Any) -> No
     assert status == 200 and body == {"broken": True, "answer": "\x00\x01\x02\x03\x04"}  # it read 5 bytes, then left
     status, body = await call(client, "source", "?to=nowhere&chunks=1")
     assert status == 200 and body == {"error": "FunctionNotFound", "status": 404}
+
+
+HOARDER = """
+def handle(event, context):
+    files = []
+    for i in range(6):
+        try:
+            with context.files.create(f"hoard{i}", 256 << 20):  # closing it unmaps it here
+                files.append("created")
+        except MemoryError as exc:
+            files.append(str(exc))
+    answers = []
+    for _ in range(3):  # asks straight, never mapping what it gets
+        reply = context.caller.request({"op": "buffer", "size": 300 << 20})
+        answers.append(reply.get("error", {}).get("type", "granted"))
+        if "grant" in reply:
+            context.caller.grants.accept(reply["grant"], transient=True)
+    return {"body": {"buffers": answers, "files": files}}
+"""
+
+
+async def test_shared_memory_is_bounded_per_invocation_and_per_function(gw: Any) -> None:
+    _, client = gw
+    await deploy(client, "hoarder", HOARDER)
+    status, body = await call(client, "hoarder")
+    assert status == 200, body
+    assert body["buffers"] == ["granted", "MemoryError", "MemoryError"]
+    assert body["files"][:4] == ["created"] * 4 and "allowance per function" in body["files"][4]
+    assert (await call(client, "sender", "?size=1048576"))[0] == 200  # others still get buffers

@@ -55,6 +55,10 @@ class Broker:
     def __init__(self, budget: int, max_file_size: int) -> None:
         self.area = SharedArea(budget)
         self.max_file_size = max_file_size
+        """The largest CAP_File, and the most buffer bytes one cVM may hold in one invocation: as
+        much as it can map (its grant space)."""
+        self.max_owned = budget // 4
+        """The most bytes of CAP_Files one function may own, so none can take the whole budget."""
         self.files: dict[str, SharedObject] = {}
         self._scoped: dict[str, list[SharedObject]] = {}
         self.cvms: dict[int, CVM] = {}
@@ -67,13 +71,13 @@ class Broker:
         return getattr(cvm.process, "grant_channel", None) is not None and cvm.spec.limits.concurrency == 1
 
     def grant(self, cvm: CVM, obj: SharedObject, *, writable: bool, transient: bool,
-              extra_fds: tuple[int, ...] = ()) -> dict[str, Any]:
+              extra_fds: tuple[int, ...] = (), fresh: bool = False) -> dict[str, Any]:
         """Give ``cvm`` access to ``obj``; returns the announcement for its control message, which
         says whether a descriptor was sent or the cVM's existing mapping serves."""
         if not self.can_map(cvm):
             raise SharingUnavailable(f"cVM {cvm.id} cannot map shared objects")
         held = cvm.grants.get(obj.id)
-        if held is not None and (bool(held.perms & Perm.STORE) or not writable):
+        if held is not None and not fresh and (bool(held.perms & Perm.STORE) or not writable):
             return {"object": obj.id, "cap": held, "sent": False}
         cap = self.area.capability(obj, writable)
         fd = obj.descriptor(writable)
@@ -93,6 +97,7 @@ class Broker:
         for object_id in cvm.transient:
             cvm.grants.pop(object_id, None)
         cvm.transient.clear()
+        cvm.buffered = 0
         for pipe in cvm.pipes.values():  # opened to a call that was never made
             self.area.free(pipe)
         cvm.pipes.clear()
@@ -134,14 +139,26 @@ class Broker:
     def find(self, cap: Any, length: int) -> SharedObject | None:
         return self.area.find(cap, length)
 
+    def _charge(self, cvm: CVM, size: int) -> None:
+        """Count a buffer against what ``cvm`` may hold in this invocation (a cVM that asks without
+        mapping what it gets cannot hoard the shared budget)."""
+        if cvm.buffered + size > self.max_file_size:
+            raise MemoryError(f"{size} more bytes of shared buffers would pass this invocation's "
+                              f"{self.max_file_size}-byte allowance ({cvm.buffered} held)")
+        cvm.buffered += size
+
     def buffer(self, cvm: CVM, size: int) -> dict[str, Any]:
         """A fresh read-write payload buffer for ``cvm``, released with its top-level invocation."""
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise ValueError(f"a buffer's size must be a number of bytes, got {size!r}")
+        self._charge(cvm, size)
         obj = self.area.create("buffer", size, cvm.spec.name)
         self._scoped.setdefault(cvm.root, []).append(obj)
         return self.grant(cvm, obj, writable=True, transient=True)
 
     def copy_into_buffer(self, cvm: CVM, data: Any) -> tuple[Capability, dict[str, Any]]:
         """``data`` copied once into a new buffer granted read-only to ``cvm``."""
+        self._charge(cvm, len(data))
         obj = self.area.create("buffer", max(len(data), 1), cvm.spec.name)
         self._scoped.setdefault(cvm.root, []).append(obj)
         self.area.fill(obj, data)
@@ -173,6 +190,10 @@ class Broker:
             raise FileError("MemoryError", f"at most {MAX_FILES} CAP_Files may exist at once")
         if len(contents) > size:
             raise FileError("ValueError", f"{len(contents)} bytes of contents do not fit a {size}-byte CAP_File")
+        owned = sum(obj.size for obj in self.files.values() if obj.owner == owner)
+        if owned + size > self.max_owned:
+            raise FileError("MemoryError", f"function {owner!r} owns {owned} bytes of CAP_Files; {size} more would "
+                                           f"pass the {self.max_owned}-byte allowance per function")
         try:
             obj = self.area.create("file", size, owner, name)
         except MemoryError as exc:
@@ -187,7 +208,7 @@ class Broker:
         if not obj.may_read(function) or write and not obj.may_write(function):
             raise FileError("PermissionError", f"function {function!r} holds no {'read-write' if write else 'read'} "
                                                f"grant to CAP_File {name!r} (owner {obj.owner!r})")
-        return self.grant(cvm, obj, writable=write, transient=False)
+        return self.grant(cvm, obj, writable=write, transient=False, fresh=True)  # unmapped when closed
 
     def grant_file(self, owner: str, name: Any, function: Any, write: bool) -> None:
         obj = self._file(name)
@@ -221,7 +242,7 @@ class Broker:
         function = cvm.spec.name
         if action == "create":
             obj = self.create_file(function, request.get("name"), request.get("size"))
-            return {"grant": self.grant(cvm, obj, writable=True, transient=False)}
+            return {"grant": self.grant(cvm, obj, writable=True, transient=False, fresh=True)}
         if action == "open":
             return {"grant": self.open_file(cvm, request.get("name"), bool(request.get("write")))}
         if action == "grant":

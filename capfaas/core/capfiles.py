@@ -36,11 +36,13 @@ def check_name(name: object) -> str:
 class CapFile(io.RawIOBase):
     """An open CAP_File: ``read``, ``readinto``, ``write``, ``seek`` and a zero-copy ``view()``."""
 
-    def __init__(self, name: str, grant: Grant, mode: str) -> None:
+    def __init__(self, name: str, grant: Grant, mode: str, release: Callable[[Grant], None]) -> None:
         super().__init__()
         self.name = PREFIX + name
         self.mode = mode
         self._grant = grant
+        self._release = release
+        grant.users += 1
         self._cap: Capability = grant.capability
         self._position = 0
 
@@ -100,6 +102,12 @@ class CapFile(io.RawIOBase):
     def truncate(self, size: int | None = None) -> int:
         raise io.UnsupportedOperation("a CAP_File has a fixed size (its capability's bounds)")
 
+    def close(self) -> None:
+        """Close the file; its mapping goes once no open file and no view uses it."""
+        if not self.closed:
+            super().close()
+            self._release(self._grant)
+
     def _check_open(self) -> None:
         if self.closed:
             raise ValueError(f"I/O operation on closed CAP_File {self.name}")
@@ -131,9 +139,11 @@ def install_open(files: Callable[[], Any]) -> None:
 class Files:
     """``context.files``: create, open, grant, delete and list CAP_Files from function code."""
 
-    def __init__(self, request: Callable[[dict[str, Any]], dict[str, Any]], grant: Callable[[dict[str, Any]], Grant]) -> None:
+    def __init__(self, request: Callable[[dict[str, Any]], dict[str, Any]], grant: Callable[[dict[str, Any]], Grant],
+                 release: Callable[[Grant], None]) -> None:
         self._request = request
         self._grant = grant
+        self._release = release
 
     def _ask(self, action: str, **fields: Any) -> dict[str, Any]:
         reply = self._request({"op": "file", "action": action, **fields})
@@ -148,7 +158,12 @@ class Files:
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise ValueError(f"a CAP_File's size must be a positive number of bytes, got {size!r}")
         reply = self._ask("create", name=check_name(name), size=size)
-        file = CapFile(name, self._grant(reply["grant"]), "r+")
+        try:
+            grant = self._grant(reply["grant"])
+        except MemoryError:  # it cannot be mapped here now: do not leave it behind half made
+            self._ask("delete", name=name)
+            raise
+        file = CapFile(name, grant, "r+", self._release)
         if data is not None:
             file.write(data)
             file.seek(0)
@@ -161,7 +176,7 @@ class Files:
         if plain not in MODES:
             raise ValueError(f"invalid mode {mode!r} for a CAP_File: use 'rb', 'wb' or 'r+b'")
         reply = self._ask("open", name=check_name(name), write=plain != "r")
-        return CapFile(name, self._grant(reply["grant"]), MODES[plain])
+        return CapFile(name, self._grant(reply["grant"]), MODES[plain], self._release)
 
     def grant(self, name: str, function: str, *, write: bool = False) -> None:
         """Let ``function`` open this CAP_File, read-only unless ``write``. Only the owner may."""

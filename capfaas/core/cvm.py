@@ -69,6 +69,8 @@ class CVM:
     """The CAP_Stream (object, reading end) the running invocation streams its response into."""
     entries: set[Capability] = field(default_factory=set)
     """The entry capabilities (call targets) the intravisor issued to this cVM."""
+    buffered: int = 0
+    """Bytes of shared buffers made for this cVM in its running invocation."""
     pipes: dict[int, Any] = field(default_factory=dict)
     """CAP_Streams the running invocation opened to functions it is calling, by object id."""
     _unpacker: Any = field(default=None, repr=False)

@@ -72,6 +72,8 @@ class Grant:
     """A payload granted for one invocation (unmapped after it), not a CAP_File kept open."""
     events: tuple[int, ...] = ()
     """A CAP_Stream's eventfds: data available, space available."""
+    users: int = 0
+    """Open CAP_File objects using this mapping; it goes when the last one closes."""
 
     @property
     def revoked(self) -> bool:
@@ -127,8 +129,21 @@ class Grants:
                 os.close(fd)
             raise
         grant = Grant(announced["object"], cap, fds[0], mapping, transient, tuple(fds[1:]))
+        replaced = self.held.get(grant.id)
         self.held[grant.id] = grant
+        if replaced is not None and not replaced.users:  # a fresh descriptor for the same object
+            self._lingering.append(replaced)
+            self._sweep()
         return grant
+
+    def release(self, grant: Grant) -> None:
+        """A CAP_File closed: unmap its grant once no other open file uses it."""
+        grant.users -= 1
+        if grant.users <= 0 and not grant.transient:
+            if self.held.get(grant.id) is grant:
+                del self.held[grant.id]
+            self._lingering.append(grant)
+            self._sweep()
 
     def find(self, cap: Capability, length: int) -> Grant | None:
         for grant in self.held.values():

@@ -137,7 +137,8 @@ class Runtime:
         self.region = region
         self.grants = grants
         """Shared objects granted to this cVM; None where the backend cannot pass them (copies instead)."""
-        self.files = Files(self.request, lambda announced: self._accept(announced, transient=False))
+        self.files = Files(self.request, lambda announced: self._accept(announced, transient=False),
+                           lambda grant: self.grants.release(grant) if self.grants is not None else None)
         self._entries: dict[str, Capability] = {}
         """Entry capabilities of the functions this cVM called, by name."""
         self._streams: list[RingReader] = []
