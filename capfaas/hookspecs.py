@@ -42,7 +42,12 @@ def capfaas_libos() -> Any:
 
 @hookspec
 def capfaas_channels() -> list[Any]:
-    """Return the capability-passing channels (CAP_Files, CAP_Streams, CAP_Calls) this plugin adds."""
+    """Return the capability-passing channels this plugin adds (``capfaas.core.channels.Channel``).
+
+    Each serves the request ops it names (``call``, ``file``, ``stream`` …) that cVMs send
+    mid-invocation. The built-ins are CAP_Calls, CAP_Files and CAP_Streams; a channel from a
+    plugin registered later that serves the same op replaces the earlier one.
+    """
 
 
 @hookspec(firstresult=True)

@@ -19,6 +19,9 @@ DEFAULT_PLUGINS = (
     "capfaas.backends.morello.plugin",
     "capfaas.plugins.libos",
     "capfaas.plugins.pooling",
+    "capfaas.plugins.channels.calls",
+    "capfaas.plugins.channels.files",
+    "capfaas.plugins.channels.streams",
 )
 ENTRY_POINT_GROUP = "capfaas"
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -162,3 +163,82 @@ def test_cli_lists_plugins_and_backends(third_party: Path) -> None:
     assert not by_name["morello"]["available"] and "CheriBSD" in by_name["morello"]["reason"]
     hello = cli("hello-plugin", env_extra=env)
     assert hello.returncode == 0 and hello.stdout.strip() == "hello from a plugin"
+
+
+CHANNEL_CODE = '''
+from capfaas.core.channels import Channel
+from capfaas.hookspecs import hookimpl
+
+class Shout(Channel):
+    """A channel of its own: answers "shout" requests."""
+    name = "shout"
+    ops = frozenset({"shout"})
+
+    async def serve(self, intravisor, cvm, request):
+        return {"text": str(request.get("text", "")).upper() + " from " + cvm.spec.name}
+
+class NoFiles(Channel):
+    """Replaces the built-in CAP_Files."""
+    name = "no-files"
+    ops = frozenset({"file"})
+
+    async def serve(self, intravisor, cvm, request):
+        return {"error": {"type": "PermissionError", "message": "CAP_Files are switched off here"}}
+
+@hookimpl
+def capfaas_channels():
+    return [Shout(), NoFiles()]
+'''
+
+CHANNEL_USER = """
+def handle(event, context):
+    shout = context.caller.request({"op": "shout", "text": "hello"})
+    try:
+        open("/cap/anything", "rb")
+        files = "opened"
+    except Exception as exc:
+        files = f"{type(exc).__name__}: {exc}"
+    return {"body": {"shout": shout.get("text"), "files": files}}
+"""
+
+
+async def _run_with(pm: Any, tmp_path: Path, code: str) -> Any:
+    import json
+
+    from capfaas.backends.emulated.backend import EmulatedBackend
+    from capfaas.core.intravisor import Intravisor, Invocation
+    from capfaas.core.spec import FunctionSpec
+
+    bundle = tmp_path / "user"
+    bundle.mkdir(exist_ok=True)
+    (bundle / "fn.py").write_text(textwrap.dedent(code))
+    async with Intravisor(EmulatedBackend(), pm, segment_size=4 << 30, region_size=1 << 30) as intravisor:
+        cvm = await intravisor.create(FunctionSpec(name="user", bundle=bundle, module="fn.py"))
+        return json.loads(bytes((await intravisor.invoke(cvm, Invocation())).body))
+
+
+def test_the_channels_are_built_in_plugins() -> None:
+    pm = make_plugin_manager(autoload=False)
+    served = {op: channel.name for group in pm.hook.capfaas_channels() for channel in group for op in channel.ops}
+    assert served == {"call": "CAP_Calls", "entry": "CAP_Calls", "buffer": "CAP_Calls", "file": "CAP_Files",
+                      "stream": "CAP_Streams"}
+
+
+async def test_a_third_party_channel_adds_ops_and_replaces_a_built_in(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    make_distribution(tmp_path, "capfaas-shout", "0.1.0", "capfaas_shout", CHANNEL_CODE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("CAPFAAS_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    try:
+        answer = await _run_with(make_plugin_manager(), tmp_path, CHANNEL_USER)
+    finally:
+        sys.modules.pop("capfaas_shout", None)
+    assert answer == {"shout": "HELLO from user", "files": "PermissionError: CAP_Files are switched off here"}
+
+
+async def test_a_blocked_channel_is_refused_by_name(tmp_path: Path) -> None:
+    pm = make_plugin_manager(autoload=False)
+    pm.set_blocked("capfaas.plugins.channels.files")
+    answer = await _run_with(pm, tmp_path, CHANNEL_USER)
+    assert answer["files"] == "RuntimeError: no channel serves 'file' requests"
+    assert answer["shout"] is None

@@ -236,25 +236,6 @@ class Broker:
                 for name, obj in sorted(self.files.items())
                 if obj.name is not None and (function is None or obj.may_read(function))]
 
-    def file_request(self, cvm: CVM, request: dict[str, Any]) -> dict[str, Any]:
-        """A ``file`` request from function code (``context.files`` / ``open('/cap/…')``)."""
-        action = request.get("action")
-        function = cvm.spec.name
-        if action == "create":
-            obj = self.create_file(function, request.get("name"), request.get("size"))
-            return {"grant": self.grant(cvm, obj, writable=True, transient=False, fresh=True)}
-        if action == "open":
-            return {"grant": self.open_file(cvm, request.get("name"), bool(request.get("write")))}
-        if action == "grant":
-            self.grant_file(function, request.get("name"), request.get("function"), bool(request.get("write")))
-            return {}
-        if action == "delete":
-            self.delete_file(request.get("name"), owner=function)
-            return {}
-        if action == "list":
-            return {"files": [info.as_dict() for info in self.list_files(function)]}
-        raise FileError("ValueError", f"unknown CAP_File action {action!r}")
-
     def close(self) -> None:
         self.files.clear()
         self._scoped.clear()

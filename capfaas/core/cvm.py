@@ -10,11 +10,8 @@ from typing import Any
 from . import wire
 from .backend import CVMProcess, Region
 from .capability import Capability
+from .channels import is_request
 from .spec import FunctionSpec
-
-
-REQUESTS = frozenset({"call", "entry", "buffer", "file", "stream"})
-"""What a cVM may ask the intravisor mid-invocation; the answer is a ``called`` message."""
 
 
 class State(enum.Enum):
@@ -105,7 +102,7 @@ class CVM:
             await self.send(message)
             while True:
                 reply = await self.receive()
-                if reply.get("op") not in REQUESTS:
+                if not is_request(reply):
                     return reply
                 self._answer(reply)
         waiter = asyncio.get_running_loop().create_future()
@@ -119,7 +116,8 @@ class CVM:
             self._pending.pop(message["id"], None)
 
     def _answer(self, call: dict[str, Any]) -> None:
-        """Serve a call to another function while this cVM's invocation goes on."""
+        """Serve a request (a call to another function, a buffer, a CAP_File, a stream) while this
+        cVM's invocation goes on."""
         async def answer() -> None:
             if self.on_call is None:
                 reply = {"op": "called", "call": call.get("call"), "status": 501,
@@ -138,7 +136,7 @@ class CVM:
         try:
             while True:
                 reply = await self.receive()
-                if reply.get("op") in REQUESTS:
+                if is_request(reply):
                     self._answer(reply)
                     continue
                 waiter = self._pending.get(reply.get("id"))

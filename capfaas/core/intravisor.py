@@ -19,12 +19,13 @@ from typing import Any
 import pluggy
 
 from .backend import Backend, LaunchRequest, Region, TemplateFailed, TemplateProcess
-from .broker import Broker, FileError, SharingUnavailable
+from .broker import Broker, SharingUnavailable
 from .capability import Capability
+from .channels import ChannelRefused, channel_table
 from .cvm import CVM, ChannelClosed, ProtocolViolation, State
 from .entries import EntryTable
 from .faults import CapabilityFault, TagFault
-from .outstream import STREAM_CAPACITY, OutputStream
+from .outstream import OutputStream
 from .perms import CODE_PERMS, DATA_PERMS, Perm
 from .runtime import INLINE_LIMIT
 from .spec import FunctionSpec
@@ -119,6 +120,8 @@ class Intravisor:
         self.broker.cvms = self.cvms
         self.entries = EntryTable()
         """Sealed entry capabilities: the only call targets a cVM can name."""
+        self.channels = channel_table(pm.hook.capfaas_channels())
+        """Which channel plugin serves each request op."""
         self.router: Callable[[str, Invocation, float], Awaitable[Result]] | None = None
         """Runs a call from one function to another by name (set by the gateway's service)."""
         self._invoke_hooks = bool(pm.hook.capfaas_before_invoke.get_hookimpls()
@@ -250,106 +253,19 @@ class Intravisor:
     # -- requests from a running cVM ------------------------------------------------------------
 
     async def _route_request(self, cvm: CVM, request: dict[str, Any]) -> dict[str, Any]:
-        """A cVM asks mid-invocation: to call a function, for a shared buffer, about a CAP_File."""
-        if request.get("op") == "call":
-            return await self._route_call(cvm, request)
+        """A cVM asks mid-invocation; the channel serving the request's op answers it."""
         reply: dict[str, Any] = {"op": "called", "call": request.get("call")}
+        channel = self.channels.get(request.get("op"))  # type: ignore[arg-type]
+        if channel is None:
+            return {**reply, "status": 501, "error": {"type": "ChannelUnavailable",
+                                                      "message": f"no channel serves {request.get('op')!r} requests"}}
         try:
-            if request.get("op") == "entry":
-                function = request.get("function")
-                if not isinstance(function, str) or not function:
-                    raise ValueError("an entry must name a function")
-                reply["entry"] = self.entries.entry(function)
-                cvm.entries.add(reply["entry"])
-            elif request.get("op") == "buffer":
-                reply["grant"] = self.broker.buffer(cvm, request.get("size"))  # type: ignore[arg-type]
-            elif request.get("op") == "stream" and "to" in request:  # to a function it is about to call
-                obj = self.broker.stream(cvm.spec.name, STREAM_CAPACITY)
-                reply["grant"] = self.broker.grant_stream(cvm, obj)
-                cvm.pipes[obj.id] = obj
-            elif request.get("op") == "stream":  # its own response
-                if cvm.output is not None:
-                    raise ValueError("this invocation already streams its response")
-                obj = self.broker.stream(cvm.spec.name, STREAM_CAPACITY)
-                reader = self.broker.stream_end(obj, writer=False)
-                reply["grant"] = self.broker.grant_stream(cvm, obj)
-                cvm.output = (obj, reader)
-            else:
-                reply.update(self.broker.file_request(cvm, request))
-        except FileError as exc:
-            reply["error"] = {"type": exc.kind, "message": str(exc)}
+            reply.update(await channel.serve(self, cvm, request))
+        except ChannelRefused as exc:
+            reply.update(status=exc.status, error={"type": exc.kind, "message": str(exc)})
         except (ValueError, MemoryError, SharingUnavailable) as exc:
-            reply["error"] = {"type": "MemoryError" if isinstance(exc, MemoryError) else type(exc).__name__,
-                              "message": str(exc)}
-        return reply
-
-    # -- calls between functions (CAP_Calls) ---------------------------------------------------
-
-    async def _route_call(self, caller: CVM, call: dict[str, Any]) -> dict[str, Any]:
-        """A call, with the CAP_Stream the caller writes the callee's body into, if it opened one:
-        once the callee is done, a caller still writing is told (BrokenPipeError) and the ring freed."""
-        pipe = caller.pipes.pop(call.get("stream"), None) if call.get("stream") is not None else None
-        if call.get("stream") is not None and pipe is None:
-            return {"op": "called", "call": call.get("call"), "status": 400,
-                    "error": {"type": "BadCall", "message": "the call names a stream this invocation did not open"}}
-        try:
-            return await self._call(caller, call, pipe)
-        finally:
-            if pipe is not None:
-                self.broker.stream_end(pipe, writer=False).close()
-                self.broker.area.free(pipe)
-
-    async def _call(self, caller: CVM, call: dict[str, Any], pipe: Any) -> dict[str, Any]:
-        """A cVM calls another function: check the call, run it on an instance, answer the caller.
-
-        A capability argument must come from the caller's own authority. One to a shared object is
-        granted to the callee read-only, nothing copied; one into the caller's region is copied once
-        (each cVM maps only its own region). A large result comes back the same ways."""
-        chain = [str(n) for n in call.get("chain") or []]
-        reply: dict[str, Any] = {"op": "called", "call": call.get("call")}
-
-        def failed(status: int, kind: str, message: str) -> dict[str, Any]:
-            return {**reply, "status": status, "error": {"type": kind, "message": message}}
-
-        if self.router is None:
-            return failed(501, "CallUnavailable", "calls to other functions need the gateway (capfaas serve)")
-        try:
-            name = self.entries.resolve(call.get("target"), caller.entries)
-        except CapabilityFault as exc:  # a forged or altered entry: the caller cannot be trusted
-            caller.fault = f"{type(exc).__name__}: {exc}"
-            asyncio.ensure_future(self.stop(caller, "fault"))
-            return failed(403, type(exc).__name__, str(exc))
-        if name in chain:
-            return failed(508, "CallCycle", "a call cycle: " + " -> ".join([*chain, name]))
-        if len(chain) >= MAX_CALL_DEPTH:
-            return failed(508, "CallDepth", f"calls may nest {MAX_CALL_DEPTH} deep at most: " + " -> ".join([*chain, name]))
-        body: Any = call.get("body", b"")
-        if isinstance(body, Capability):
-            length = call.get("length")
-            try:
-                self.admit(caller, body, length)
-            except CapabilityFault as exc:
-                caller.fault = f"{type(exc).__name__}: {exc}"
-                asyncio.ensure_future(self.stop(caller, "fault"))
-                return failed(403, type(exc).__name__, str(exc))
-            if self.broker.find(body, length) is None:
-                body = self.memory.view(body, body.address, length)
-        elif not isinstance(body, bytes):
-            return failed(400, "BadCall", "a call's data must be bytes or a capability")
-        remaining = float(call.get("deadline", 0.0)) - time.time()
-        if remaining <= 0:
-            return failed(504, "TimeoutError", f"no time left to call {name!r}")
-        headers = call.get("headers") if isinstance(call.get("headers"), dict) else {}
-        try:
-            invocation = Invocation(method="POST", headers=headers, body=body, length=call.get("length"),
-                                    chain=chain, root=caller.root, stream=pipe)
-            result = await self.router(name, invocation, remaining)
-        except LookupError as exc:
-            return failed(404, "FunctionNotFound", str(exc))
-        reply.update(status=result.status, headers=result.headers, **self._handed_back(caller, result))
-        if result.outcome != "ok":
-            reply["error"] = {"type": (result.error or {}).get("type", result.outcome),
-                              "message": (result.error or {}).get("message", result.outcome)}
+            kind = "MemoryError" if isinstance(exc, MemoryError) else type(exc).__name__
+            reply.update(status=400, error={"type": kind, "message": str(exc)})
         return reply
 
     @staticmethod
@@ -359,20 +275,6 @@ class Intravisor:
         if cvm.state is not State.STOPPED:
             cvm.expired = True
             cvm.process.kill()
-
-    def _handed_back(self, caller: CVM, result: Result) -> dict[str, Any]:
-        """A callee's result as its caller receives it: a granted shared object, a copy into a new
-        one when it is large, or bytes inside the reply."""
-        if result.outcome == "ok" and self.broker.can_map(caller):
-            if result.capability is not None:
-                obj = self.broker.find(result.capability, len(result.body))
-                if obj is not None:
-                    announced = self.broker.grant(caller, obj, writable=False, transient=True)
-                    return {"body": result.capability, "length": len(result.body), "grant": announced}
-            if len(result.body) > INLINE_LIMIT:
-                cap, announced = self.broker.copy_into_buffer(caller, result.body)
-                return {"body": cap, "length": len(result.body), "grant": announced}
-        return {"body": bytes(result.body)}
 
     # -- invoking ------------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .cvm import REQUESTS, State
+from .channels import is_request
+from .cvm import State
 from .ring import RingReader
 
 CHUNK = 1 << 20
@@ -45,7 +46,7 @@ class OutputStream:
         """Serve the cVM's requests while it streams; return its closing ``streamed`` message."""
         while True:
             message = await self.cvm.receive()
-            if message.get("op") in REQUESTS:
+            if is_request(message):
                 self.cvm._answer(message)
             elif message.get("op") == "streamed":
                 return message
