@@ -821,3 +821,23 @@ async def test_the_warm_count_survives_a_restart(tmp_path: Path) -> None:
         assert gateway.service.registry.warm("echo") == 2
         await system(client, "DELETE", "/system/functions", json={"functionName": "echo"})
         assert gateway.service.registry.warm("echo") is None
+
+
+async def test_the_streaming_and_cap_file_examples(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path / "state") as (_, client):
+        for name in ("ticker", "notes", "wordcount"):
+            await deploy(client, name, (FUNCTIONS / f"{name}.py").read_text())
+        response = await client.get("/function/ticker?count=3&interval=0")
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        assert [line.split(" at ")[0] for line in (await response.text()).splitlines()] == \
+            ["tick 1 of 3", "tick 2 of 3", "tick 3 of 3"]
+        assert (await client.get("/function/notes")).status == 404
+        assert (await client.put("/function/notes", data=b"remember the milk")).status == 204
+        assert await (await client.get("/function/notes")).read() == b"remember the milk"
+
+        async def upload():
+            for _ in range(8):
+                yield b"two words\n" * 100_000
+
+        answer = await (await client.post("/function/wordcount", data=upload())).json()
+        assert answer == {"bytes": 8_000_000, "words": 1_600_000, "lines": 800_000}
