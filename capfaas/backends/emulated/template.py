@@ -12,7 +12,6 @@ import _thread
 import gc
 import os
 import random
-import resource
 import selectors
 import signal
 import socket
