@@ -435,3 +435,23 @@ async def test_shared_memory_is_bounded_per_invocation_and_per_function(gw: Any)
     assert body["buffers"] == ["granted", "MemoryError", "MemoryError"]
     assert body["files"][:4] == ["created"] * 4 and "allowance per function" in body["files"][4]
     assert (await call(client, "sender", "?size=1048576"))[0] == 200  # others still get buffers
+
+
+async def test_a_client_that_leaves_a_stream_halfway_costs_only_that_instance(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path / "state", max_body=1 << 20) as (_, client):
+        for name, source in (("streamer", STREAMER), ("producer", PRODUCER), ("counter", STREAM_COUNTER)):
+            await deploy(client, name, source)
+        response = await client.post("/function/streamer?blocks=256")  # 256 MiB: far more than is read
+        assert len(await response.content.read(1 << 20)) > 0
+        response.close()  # gone, with most of the stream unsent
+        again = await client.post("/function/streamer?blocks=1")
+        assert again.status == 200 and len(await again.read()) == (1 << 20) + 16
+
+        async def too_much() -> Any:
+            for _ in range(4):
+                yield bytes(1 << 20)
+
+        refused = await client.post("/function/counter", data=too_much())  # chunked, past max_body
+        assert refused.status == 413 and "larger than 1048576 bytes" in await refused.text()
+        small = await client.post("/function/counter", data=b"fine")
+        assert (await small.json()) == {"streamed": False, "bytes": 4}

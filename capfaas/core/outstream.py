@@ -40,6 +40,7 @@ class OutputStream:
         self.top_level_id = top_level_id
         self.error: dict[str, Any] | None = None
         self._ended = asyncio.ensure_future(self._watch_control())
+        self._ended.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # seen here
         self._released = False
 
     async def _watch_control(self) -> dict[str, Any]:

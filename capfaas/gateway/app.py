@@ -731,6 +731,9 @@ async def _respond_streaming(request: web.Request, gateway: Gateway, name: str, 
     except (StreamFailed, TimeoutError, ConnectionError) as exc:
         await stream.abandon(f"its streamed response broke off: {exc}")
         error = {"message": str(exc)}
+    except asyncio.CancelledError:  # the client went away: its instance is stopped before it is given back
+        await asyncio.shield(stream.abandon("the client went away during its streamed response"))
+        raise
     if error:
         gateway.logs.add(name, headers["X-Call-Id"], f"the streamed response broke off: {error.get('message')}".encode())
         if request.transport is not None:
