@@ -92,8 +92,10 @@ class CVM:
         return self.region.base, self.region.size // 2
 
     async def send(self, message: dict[str, Any]) -> None:
-        self.process.writer.write(wire.pack(message))
-        await self.process.writer.drain()
+        writer = self.process.writer
+        writer.write(wire.pack(message))
+        if writer.transport.get_write_buffer_size():  # not all sent at once: wait until it drains
+            await writer.drain()
 
     async def exchange(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send an invocation and wait for its reply. One at a time, replies come back in order;

@@ -29,6 +29,8 @@ class LogStore:
         self.followers: dict[str, set[asyncio.Queue[LogLine | None]]] = collections.defaultdict(set)
 
     def add(self, name: str, instance: str, output: bytes) -> None:
+        if not output:  # most invocations print nothing
+            return
         now = time.time()
         for raw in output.decode("utf-8", "replace").splitlines():
             line = LogLine(name, instance, now, raw)

@@ -21,6 +21,11 @@ def _labels(labels: Labels) -> str:
     return "{" + ",".join(escaped) + "}"
 
 
+def _key(labels: dict[str, str]) -> Labels:
+    """Labels in a fixed order (one label needs no sorting: the hot path's usual case)."""
+    return tuple(labels.items()) if len(labels) < 2 else tuple(sorted(labels.items()))
+
+
 class Metrics:
     """Everything ``/metrics`` shows; gauges are read from live state when scraped."""
 
@@ -34,10 +39,10 @@ class Metrics:
         self.help[name] = (kind, text)
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        self.counters[name][tuple(sorted(labels.items()))] += amount
+        self.counters[name][_key(labels)] += amount
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
+        key = _key(labels)
         series = self.histograms[name].setdefault(key, [0.0] * (len(BUCKETS) + 2))
         series[bisect.bisect_left(BUCKETS, value)] += 1
         series[-1] += value

@@ -96,6 +96,10 @@ class InliningWriter:
     async def drain(self) -> None:
         await self._writer.drain()
 
+    @property
+    def transport(self) -> asyncio.WriteTransport:
+        return self._writer.transport  # type: ignore[return-value]
+
     def close(self) -> None:
         self._writer.close()
 
