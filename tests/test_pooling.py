@@ -220,7 +220,7 @@ async def _spare_of(pool: FunctionPool) -> int:
     """The pid of the clone the pool's template forked ahead of need, once it is there."""
     for _ in range(200):
         if pool.template._spares:
-            return pool.template._spares[-1][0]
+            return (await pool.template._spares[-1]).pid
         await asyncio.sleep(0.01)
     raise AssertionError("the template forked no spare clone")
 

@@ -33,11 +33,17 @@ class EmulatedProcess(CVMProcess):
         self.writer = writer
         self.console = console
         self.grant_channel = grant_channel
+        self.control: socket.socket | None = None
+        """The control channel's socket itself (a spare clone's region is sent on it with its fd)."""
         self._ended = ended
         try:
             self._pidfd: int | None = os.pidfd_open(pid)
         except OSError:  # already gone: the template's exit report says how
             self._pidfd = None
+
+    @property
+    def exited(self) -> bool:
+        return self._ended.done()
 
     def kill(self) -> None:
         if self._pidfd is not None:
@@ -69,12 +75,14 @@ async def _reported(pid: asyncio.Future[int], *undo: Callable[[], object]) -> in
 
 
 async def _attach(pid: int, sock: socket.socket, grant_channel: socket.socket, stdout_fd: int, stderr_fd: int,
-                  request: LaunchRequest, ended: asyncio.Future[str]) -> EmulatedProcess:
+                  output_limit: int, ended: asyncio.Future[str]) -> EmulatedProcess:
     """The intravisor's side of a started cVM: its console, its control and grant channels."""
-    console = Console(stdout_fd, stderr_fd, request.spec.limits.output)
+    console = Console(stdout_fd, stderr_fd, output_limit)
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
     grant_channel.setblocking(False)  # a cVM that stops taking its grants must not stall the intravisor
-    return EmulatedProcess(pid, reader, writer, ended, console, grant_channel)
+    process = EmulatedProcess(pid, reader, writer, ended, console, grant_channel)
+    process.control = sock
+    return process
 
 
 def grant_channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -88,20 +96,27 @@ def spec_to_wire(spec: FunctionSpec) -> dict[str, Any]:
             "network": spec.network, "limits": vars(spec.limits)}
 
 
+_discarding: set[asyncio.Future[None]] = set()
+"""Spare clones being stopped (kept referenced until done)."""
+
+
 class EmulatedTemplate(TemplateProcess):
     """A function template process; instances are forked from it on request."""
 
-    def __init__(self, backend: EmulatedBackend, sock: socket.socket, pid: int, ended: asyncio.Future[str]) -> None:
+    def __init__(self, backend: EmulatedBackend, sock: socket.socket, pid: int, ended: asyncio.Future[str],
+                 output_limit: int) -> None:
         self.backend = backend
         self.sock = sock
         self.pid = pid
         self.ended = ended
+        self.output_limit = output_limit
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._forked: dict[int, asyncio.Future[int]] = {}
-        self._spares: list[tuple[int, socket.socket]] = []
-        """Clones the template forked ahead of need: their pid and the socket that wakes each."""
+        self._spares: list[asyncio.Future[EmulatedProcess]] = []
+        """Clones the template forked ahead of need, each given its channels and console as soon
+        as it is announced: all a cold start still sends one is its region."""
         self._reader = asyncio.ensure_future(self._read())
 
     async def started(self) -> None:
@@ -150,7 +165,8 @@ class EmulatedTemplate(TemplateProcess):
                 if op in ("ready", "failed") and not self._ready.done():
                     self._ready.set_result(report)
                 elif op == "spare" and len(fds) == 1:
-                    self._spares.append((report["pid"], socket.socket(fileno=fds.pop())))
+                    handoff = socket.socket(fileno=fds.pop())
+                    self._spares.append(asyncio.ensure_future(self._prepare_spare(report["pid"], handoff)))
                 elif op == "forked":
                     waiter = self._forked.pop(report["cvm"], None)
                     if waiter is not None and not waiter.done():
@@ -163,44 +179,63 @@ class EmulatedTemplate(TemplateProcess):
                 os.close(fd)
 
     async def fork(self, request: LaunchRequest) -> CVMProcess:
-        """Clone an instance: its region and console travel on its control socket before it is
-        even forked, so the clone finds them there at once."""
+        """An instance: a spare clone given its region, or a clone forked now, whose region and
+        console travel on its control socket before it is even forked, so it finds them at once."""
+        region = {"op": "region", "segment_size": self.backend.memory.size, "ddc": request.ddc, "pcc": request.pcc,
+                  "region": {"base": request.region.base, "size": request.region.size, "offset": request.region.offset}}
+        spare = await self._take_spare()
+        if spare is not None:
+            assert spare.control is not None
+            socket.send_fds(spare.control, [wire.pack(region)], [self.backend.memory.fd])
+            return spare
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         grants_ours, grants_theirs = grant_channel_pair()
-        region = {"op": "region", "segment_size": self.backend.memory.size, "ddc": request.ddc, "pcc": request.pcc,
-                  "region": {"base": request.region.base, "size": request.region.size, "offset": request.region.offset}}
         (out_r, out_w), (err_r, err_w) = console_pipes()
+        forked = self._forked[request.cvm_id] = loop.create_future()
         try:
             socket.send_fds(ours, [wire.pack(region)], [self.backend.memory.fd, out_w, err_w, grants_theirs.fileno()])
-            pid = self._wake_spare(theirs)
-            if pid is None:
-                forked = self._forked[request.cvm_id] = loop.create_future()
-                socket.send_fds(self.sock, [wire.pack({"op": "fork", "cvm_id": request.cvm_id})], [theirs.fileno()])
+            socket.send_fds(self.sock, [wire.pack({"op": "fork", "cvm_id": request.cvm_id})], [theirs.fileno()])
         finally:
             for fd in (theirs.detach(), grants_theirs.detach(), out_w, err_w):
                 os.close(fd)
-        if pid is None:
-            pid = await _reported(forked, lambda: self._forked.pop(request.cvm_id, None), ours.close,
-                                  grants_ours.close, lambda: os.close(out_r), lambda: os.close(err_r))
-        return await _attach(pid, ours, grants_ours, out_r, err_r, request, self.backend.exit_future(pid))
+        pid = await _reported(forked, lambda: self._forked.pop(request.cvm_id, None), ours.close,
+                              grants_ours.close, lambda: os.close(out_r), lambda: os.close(err_r))
+        return await _attach(pid, ours, grants_ours, out_r, err_r, self.output_limit, self.backend.exit_future(pid))
 
-    def _wake_spare(self, control: socket.socket) -> int | None:
-        """Give a spare clone its control channel; its pid, or None when no spare is left."""
+    async def _prepare_spare(self, pid: int, handoff: socket.socket) -> EmulatedProcess:
+        """Give a new spare clone its control and grant channels and its console, and attach them."""
+        ours, theirs = socket.socketpair()
+        grants_ours, grants_theirs = grant_channel_pair()
+        (out_r, out_w), (err_r, err_w) = console_pipes()
+        try:
+            socket.send_fds(handoff, [b"attach"], [theirs.fileno(), out_w, err_w, grants_theirs.fileno()])
+        except OSError:  # the clone is already gone
+            for fd in (ours.detach(), grants_ours.detach(), out_r, err_r):
+                os.close(fd)
+            self.backend.unwatch(pid)
+            raise
+        finally:
+            handoff.close()
+            for fd in (theirs.detach(), grants_theirs.detach(), out_w, err_w):
+                os.close(fd)
+        return await _attach(pid, ours, grants_ours, out_r, err_r, self.output_limit, self.backend.exit_future(pid))
+
+    async def _take_spare(self) -> EmulatedProcess | None:
+        """A prepared spare clone that is still alive, or None; the template forks the next one."""
         while self._spares:
-            pid, handoff = self._spares.pop()
             try:
-                socket.send_fds(handoff, [b"go"], [control.fileno()])
-            except OSError:  # that clone is gone
-                self.backend.unwatch(pid)
+                spare = await self._spares.pop()
+            except OSError:
                 continue
-            finally:
-                handoff.close()
+            if spare.exited or spare.reader.at_eof():  # it died while it waited
+                spare.kill()
+                continue
             try:
-                self.sock.send(wire.pack({"op": "spare-taken"}))  # the template forks the next one
+                self.sock.send(wire.pack({"op": "spare-taken"}))
             except OSError:
                 pass
-            return pid
+            return spare
         return None
 
     def kill(self) -> None:
@@ -210,10 +245,22 @@ class EmulatedTemplate(TemplateProcess):
             pass
         self._reader.cancel()
         self.sock.close()
-        for pid, handoff in self._spares:
-            handoff.close()  # the clone sees its socket close and exits
-            self.backend.unwatch(pid)
+        for prepared in self._spares:  # nobody will take these clones now
+            task = asyncio.ensure_future(self._discard(prepared))
+            _discarding.add(task)
+            task.add_done_callback(_discarding.discard)
         self._spares.clear()
+
+    async def _discard(self, prepared: asyncio.Future[EmulatedProcess]) -> None:
+        """Stop a spare clone nobody will take, and let go of its console and channels."""
+        try:
+            spare = await prepared
+        except OSError:
+            return
+        spare.kill()
+        await spare.wait()
+        if spare.pid is not None:
+            self.backend.forget(spare.pid)
 
 
 class EmulatedBackend(Backend):
@@ -330,7 +377,7 @@ class EmulatedBackend(Backend):
             os.close(err_w)
         pid = await _reported(launched, lambda: self._launched.pop(request.cvm_id, None), ours.close,
                               grants_ours.close, lambda: os.close(out_r), lambda: os.close(err_r))
-        return await _attach(pid, ours, grants_ours, out_r, err_r, request, self.exit_future(pid))
+        return await _attach(pid, ours, grants_ours, out_r, err_r, request.spec.limits.output, self.exit_future(pid))
 
     async def launch_template(self, spec: FunctionSpec, region_size: int) -> EmulatedTemplate:
         """Start a function template: the function imported and initialised once, ready to fork."""
@@ -347,7 +394,8 @@ class EmulatedBackend(Backend):
         finally:
             theirs.close()
         pid = await _reported(launched, lambda: self._launched.pop(key, None), ours.close)
-        template = EmulatedTemplate(self, ours, pid, self._exits.setdefault(pid, loop.create_future()))
+        template = EmulatedTemplate(self, ours, pid, self._exits.setdefault(pid, loop.create_future()),
+                                    spec.limits.output)
         await template.started()
         return template
 

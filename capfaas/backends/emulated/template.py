@@ -239,7 +239,8 @@ def run_function_template(message: dict[str, Any], control_fd: int, libos: Any) 
 
 def run_spare(handoff: socket.socket, spec: FunctionSpec, module: Any, handler: Any, libos: Any,
               space: GrantSpace) -> int:
-    """A spare clone: seal now, then wait for a control channel and become an instance.
+    """A spare clone: seal now, take its channels and console when the intravisor sends them, then
+    wait for a region and become an instance.
 
     While it waits, it runs the invocation path once on a no-op handler, so the pages that path
     writes (reference counts, caches) are copied from the template now, not on the first request."""
@@ -250,11 +251,13 @@ def run_spare(handoff: socket.socket, spec: FunctionSpec, module: Any, handler: 
     finally:
         ours.close()
         theirs.close()
-    data, fds, _, _ = socket.recv_fds(handoff, 16, 1)
+    data, fds, _, _ = socket.recv_fds(handoff, 16, 4)
     handoff.close()
-    if not data or len(fds) != 1:
+    if not data or len(fds) != 4:
         return 0  # the template went away before needing this clone
-    return run_instance(fds[0], spec, module, handler, libos, space, sealed=True)
+    control_fd, stdout_fd, stderr_fd, grant_fd = fds
+    attach_console(stdout_fd, stderr_fd)
+    return run_instance(control_fd, spec, module, handler, libos, space, grant_fd=grant_fd)
 
 
 def _rehearse(spec: FunctionSpec) -> None:
@@ -272,20 +275,25 @@ def _rehearse(spec: FunctionSpec) -> None:
 
 
 def run_instance(control_fd: int, spec: FunctionSpec, module: Any, handler: Any, libos: Any, space: GrantSpace,
-                 *, sealed: bool = False) -> int:
-    """One instance forked from a function template (``sealed``: a spare that sealed itself already)."""
+                 *, grant_fd: int | None = None) -> int:
+    """One instance forked from a function template. Its region comes on its control channel with
+    its console and grant channel, or, for a spare clone (sealed, console attached, ``grant_fd``
+    given), alone."""
     control = socket.socket(fileno=control_fd)
-    data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 4)
+    spare = grant_fd is not None
+    data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1 if spare else 4)
     launch = _one_message(data)
-    if launch.get("op") != "region" or len(fds) != 4:
+    if launch.get("op") != "region" or len(fds) != (1 if spare else 4):
         return 72
-    attach_console(fds[1], fds[2])
+    if not spare:
+        attach_console(fds[1], fds[2])
+        grant_fd = fds[3]
     mapped: list[Region] = []
     prepare = lambda: mapped.append(map_region(launch, fds[0], control_fd))  # noqa: E731
-    libos.runtime_mapping(prepare) if sealed else libos.seal(prepare)
+    libos.runtime_mapping(prepare) if spare else libos.seal(prepare)
     region = mapped[0]
     random.seed(os.urandom(32))  # no two instances share the template's random state
-    runtime = Runtime(control, spec, region, Grants(socket.socket(fileno=fds[3]), space))
+    runtime = Runtime(control, spec, region, Grants(socket.socket(fileno=grant_fd), space))
 
     def restored(_: FunctionSpec) -> Any:
         hook = getattr(module, "after_restore", None)
