@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from capfaas.plugins.libos import LibraryOS, Rule, capfaas_libos
+from capfaas.plugins.libos import LibOSPolicy, LibraryOS, Rule, capfaas_libos
 from capfaas.plugins.libos.seccomp import (
     AF_INET, AF_UNIX, CLONE_THREAD, SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO, SECCOMP_RET_KILL_PROCESS, TIOCSTI,
     confinement_filter, seal_filter,
@@ -339,6 +339,22 @@ def test_host_files_and_other_functions_files_are_denied(area: Area) -> None:
                  "other_dir", "relative_escape"):
         assert_denied(out[name], Rule.HOST_FILES)
     assert "opening '/etc/passwd' for reading is denied" in out["/etc/passwd"]["message"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full to stand in for a CAP_File device")
+def test_devices_the_policy_names_open_read_write_and_no_others(area: Area) -> None:
+    body = """
+        attempt("write", lambda: open("/dev/full", "wb", buffering=0).write(b"x"))
+        attempt("read", lambda: open("/dev/full", "rb").read(4))
+        attempt("other", lambda: open("/dev/tty", "r+b"))
+    """
+    granted = run_cvm(area.bundle, body, extra_devices=("/dev/full",))
+    assert granted["write"]["type"] == "OSError" and granted["write"]["errno"] == errno.ENOSPC  # the device itself
+    assert granted["read"] == {"ok": True, "value": "\x00\x00\x00\x00"}
+    assert_denied(granted["other"], Rule.HOST_FILES)
+    assert_denied(run_cvm(area.bundle, body)["write"], Rule.HOST_FILES)
+    with pytest.raises(ValueError, match="not a character device"):
+        LibOSPolicy(bundle_dir=str(area.bundle), extra_devices=(str(area.other_file),))
 
 
 # -- processes and signals ---------------------------------------------------------------------------

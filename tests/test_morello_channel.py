@@ -278,3 +278,38 @@ def test_bundles_are_unpacked_safely(tmp_path) -> None:
     with pytest.raises(ValueError, match="unsafe path '../escape.py'"):
         unpack_bundle(evil.getvalue(), tmp_path / "bundles", "evil")
     assert not (tmp_path / "escape.py").exists()
+
+
+def test_function_code_opens_declared_capfiles_through_the_two_devices(tmp_path, monkeypatch) -> None:
+    import builtins
+    import io
+
+    from capfaas.backends.morello.capfile import DeviceFiles
+    from capfaas.core.capfiles import install_open
+
+    monkeypatch.setattr(builtins, "open", builtins.open)  # put back after the test, as a cVM never needs
+    monkeypatch.setattr(io, "open", io.open)
+
+    backing = {"/cap/cf1": tmp_path / "cf1", "/cap/cf2": tmp_path / "cf2"}
+    for path in backing.values():
+        path.write_bytes(b"0123456789")
+    probed = []
+
+    def stand_in(name: str, device: str):  # the device and its probe ioctl, as open_capfile drives them
+        return open_capfile(name, device, ioctl=lambda fd, request, arg: probed.append((device, arg)),
+                            opener=lambda path, flags: os.open(backing[path], flags))
+
+    files = DeviceFiles(stand_in)
+    install_open(lambda: files)
+    first = open("/cap/inbox", "rb")
+    second = open("/cap/outbox", "r+b")
+    assert first.read(4) == b"0123" and probed == [("/cap/cf1", b"inbox\0"), ("/cap/cf2", b"outbox\0")]
+    with pytest.raises(OSError, match="both CAP_File devices"):
+        files.open("third")
+    first.close()
+    with files.open("third") as third:  # a device is free again
+        assert third.read() == b"0123456789"
+    second.close()
+    for refused in (lambda: files.create("x", 16), lambda: files.grant("x", "f"), files.list):
+        with pytest.raises(NotImplementedError, match="declared when the cVM starts"):
+            refused()

@@ -455,3 +455,11 @@ async def test_a_client_that_leaves_a_stream_halfway_costs_only_that_instance(tm
         assert refused.status == 413 and "larger than 1048576 bytes" in await refused.text()
         small = await client.post("/function/counter", data=b"fine")
         assert (await small.json()) == {"streamed": False, "bytes": 4}
+
+
+async def test_a_generator_is_sent_whole_where_no_stream_reaches_the_caller(gw: Any) -> None:
+    _, client = gw
+    await deploy(client, "gathered", ASYNC_STREAMER, code={"concurrency": 2})  # one channel, several invocations
+    response = await client.post("/function/gathered")
+    assert response.status == 200 and "Transfer-Encoding" not in response.headers
+    assert await response.read() == b"streamed from an async generator"

@@ -115,6 +115,11 @@ def _packed(reply: dict[str, Any]) -> bytes:
                                     "message": f"the result cannot be sent: {exc}"}})
 
 
+def _whole(streamed: Response, body: bytes) -> dict[str, Any]:
+    """A streamed response as an ordinary one, its chunks joined."""
+    return {"statusCode": streamed.status, "headers": streamed.headers, "body": body}
+
+
 def _label(function: str | Capability) -> str:
     """How errors name a call target."""
     return function if isinstance(function, str) else "a function by entry capability"
@@ -455,9 +460,11 @@ class Runtime:
             value = self.call(event, context)
             if inspect.isawaitable(value):
                 value = self.loop.run_until_complete(value)
-            streamed = streamed_response(value) if self.grants is not None else None
-            if streamed is not None:
+            streamed = streamed_response(value)
+            if streamed is not None and self.grants is not None:
                 return self._stream(reply, streamed, context)
+            if streamed is not None:  # no stream to this cVM's caller here: the body goes whole
+                value = _whole(streamed, b"".join(self._chunks(streamed.body)))
             return self._finish(self._complete(reply, value, inline=False, called=bool(message.get("chain"))), None)
         except BaseException as exc:
             return self._finish(reply, exc)
@@ -505,6 +512,11 @@ class Runtime:
             value = self.call(event, context)
             if inspect.isawaitable(value):
                 value = await value
+            streamed = streamed_response(value)
+            if streamed is not None:  # concurrent invocations share one channel: the body goes whole
+                chunks = streamed.body
+                parts = [c async for c in chunks] if inspect.isasyncgen(chunks) else list(chunks)
+                value = _whole(streamed, b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in parts))
             return self._finish(self._complete(reply, value, inline=True), None)
         except BaseException as exc:
             return self._finish(reply, exc)

@@ -29,7 +29,7 @@ from capfaas.core import wire
 from capfaas.core.runtime import Region, Runtime, error_report, load_handler
 from capfaas.core.spec import FunctionSpec, Limits
 
-from . import markers
+from . import capfile, markers
 from .capture import OutputCapture
 from .channel import CAPABILITY_MARK, hello_line, inline_capabilities
 from .staging import StagingMemory
@@ -141,7 +141,7 @@ def enter_libos(spec: FunctionSpec) -> Any:
     policy = LibOSPolicy(bundle_dir=str(spec.bundle), tmp_quota=limits.tmp, env=dict(spec.env),
                          secrets=dict(spec.secrets), allow_network=spec.network,
                          memory_limit=_address_space() + limits.memory, cpu_seconds=limits.cpu_seconds,
-                         open_files=limits.open_files)
+                         open_files=limits.open_files, extra_devices=capfile.DEVICES)
     libos = make_plugin_manager(autoload=False).hook.capfaas_libos()
     return libos.enter(policy)
 
@@ -191,6 +191,7 @@ def serve(args: argparse.Namespace, capture: OutputCapture) -> int:
                                                              "message": f"cannot unpack the function: {exc}"}}))
         return 72
     runtime = Runtime(channel, spec, region)  # type: ignore[arg-type]  # a socket that syncs and inlines
+    runtime.files = capfile.DeviceFiles()  # type: ignore[assignment]  # Intravisor's capfiles, not grants
     try:
         enter_libos(spec)
     except Exception as exc:  # a libOS that cannot confine the cVM must not run the function

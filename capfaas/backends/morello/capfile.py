@@ -43,3 +43,41 @@ def open_capfile(name: str, device: str = DEVICES[0], *,
         os.close(fd)
         raise
     return io.FileIO(fd, "r+", closefd=True)
+
+
+class DeviceFiles:
+    """``context.files`` (and ``open('/cap/NAME')``) inside a cVM on Morello.
+
+    The CAP_Files a cVM can reach are those its monitor's YAML declared, opened through the two
+    CAP_File devices, so at most two are open at once. Creating, granting and deleting CAP_Files
+    while functions run is not something Intravisor's capfiles offer: those refuse plainly."""
+
+    UNSUPPORTED = ("on Morello, CAP_Files are declared when the cVM starts and shared through "
+                   "Intravisor's capfiles; creating, granting or deleting them at run time is not provided")
+
+    def __init__(self, opener: Callable[[str, str], io.FileIO] = open_capfile) -> None:
+        self._open = opener
+        self._devices: dict[str, io.FileIO] = {}
+
+    def open(self, name: str, mode: str = "rb") -> io.FileIO:
+        """The declared CAP_File ``name`` through a free CAP_File device (any mode: the device is
+        read-write, and the capability the monitor holds decides what a store may do)."""
+        for device in DEVICES:
+            held = self._devices.get(device)
+            if held is None or held.closed:
+                file = self._open(name, device)
+                self._devices[device] = file
+                return file
+        raise OSError(f"both CAP_File devices ({', '.join(DEVICES)}) are in use: close a CAP_File first")
+
+    def create(self, name: str, size: int, data: Any = None) -> io.FileIO:
+        raise NotImplementedError(self.UNSUPPORTED)
+
+    def grant(self, name: str, function: str, *, write: bool = False) -> None:
+        raise NotImplementedError(self.UNSUPPORTED)
+
+    def delete(self, name: str) -> None:
+        raise NotImplementedError(self.UNSUPPORTED)
+
+    def list(self) -> list[dict[str, Any]]:
+        raise NotImplementedError(self.UNSUPPORTED)

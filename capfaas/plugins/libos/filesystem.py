@@ -34,7 +34,7 @@ class HostPaths:
         read_only = [policy.bundle_dir, *runtime_read_paths(), *policy.extra_readable, *READABLE_DEVICES]
         if policy.allow_network:
             read_only += NETWORK_READ_PATHS
-        return cls(_existing(read_only), _existing(WRITABLE_DEVICES))
+        return cls(_existing(read_only), _existing((*WRITABLE_DEVICES, *policy.extra_devices)))
 
 
 def with_real_paths(paths: tuple[str, ...]) -> tuple[str, ...]:

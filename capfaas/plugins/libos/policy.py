@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -35,7 +36,9 @@ class LibOSPolicy:
     ``memory_limit`` caps the process's whole address space (RLIMIT_AS): the caller adds what the
     process already maps before ``enter()`` (interpreter, runtime, the cVM's shared-memory region).
     ``extra_readable`` adds read-only paths to those the runtime itself needs, which
-    ``runtime_read_paths()`` computes and ``enter()`` always includes.
+    ``runtime_read_paths()`` computes and ``enter()`` always includes. ``extra_devices`` are device
+    files the cVM may open for reading and writing (on Morello, Intravisor's CAP_File devices);
+    paths that do not exist are left out.
     """
 
     bundle_dir: str
@@ -48,6 +51,7 @@ class LibOSPolicy:
     open_files: int = 64
     allowed_extensions: frozenset[str] = DEFAULT_EXTENSIONS
     extra_readable: tuple[str, ...] = ()
+    extra_devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("tmp_quota", "memory_limit", "cpu_seconds", "open_files"):
@@ -65,3 +69,7 @@ class LibOSPolicy:
         object.__setattr__(self, "secrets", MappingProxyType({k: bytes(v) for k, v in self.secrets.items()}))
         object.__setattr__(self, "allowed_extensions", frozenset(self.allowed_extensions))
         object.__setattr__(self, "extra_readable", tuple(self.extra_readable))
+        object.__setattr__(self, "extra_devices", tuple(self.extra_devices))
+        for path in self.extra_devices:
+            if os.path.exists(path) and not stat.S_ISCHR(os.stat(path).st_mode):
+                raise ValueError(f"{path!r} is not a character device: only devices may be granted read-write")
