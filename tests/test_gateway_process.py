@@ -171,6 +171,15 @@ def test_the_cli_verbs_end_to_end(tmp_path: Path) -> None:
             follower.wait(5)
         assert ok("logs", "shout", "--since", "2100-01-01T00:00:00Z") == ""
 
+        notes = Path(__file__).resolve().parents[1] / "functions" / "notes.py"
+        assert "deployed notes" in ok("deploy", str(notes))
+        assert ok("invoke", "notes", "--method", "PUT", "--data", "a note") == ""
+        assert ok("files").split() == ["NAME", "SIZE", "OWNER", "READERS", "WRITERS", "notes", "65536", "notes", "-", "-"]
+        assert json.loads(ok("files", "--json")) == [{"name": "notes", "size": 65536, "owner": "notes",
+                                                      "readers": [], "writers": []}]
+        assert "removed CAP_File notes" in ok("files", "remove", "notes")
+        assert "404" in fails("files", "remove", "notes")
+
         assert "updated secret token" in ok("secrets", "update", "token", "--from-literal", "new", )
         assert "removed shout" in ok("rm", "shout")
         assert "removed secret token" in ok("secrets", "remove", "token")
