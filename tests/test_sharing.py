@@ -463,3 +463,19 @@ async def test_a_generator_is_sent_whole_where_no_stream_reaches_the_caller(gw: 
     response = await client.post("/function/gathered")
     assert response.status == 200 and "Transfer-Encoding" not in response.headers
     assert await response.read() == b"streamed from an async generator"
+
+
+async def test_concurrent_sequences_with_one_call_id_keep_their_own_buffers(gw: Any) -> None:
+    import asyncio
+    _, client = gw
+    stage = "def handle(event, context):\n    return event.capability\n"
+    await deploy(client, "pass", stage)
+    response = await client.post("/system/functions", headers=AUTH,
+                                 json={"service": "piped", "code": {"sequence": ["pass", "pass"]},
+                                       "labels": {"com.openfaas.scale.max": "4"}})
+    assert response.status == 202, await response.text()
+    bodies = [bytes([i]) * (8 << 20) for i in range(4)]
+    responses = await asyncio.gather(*(client.post("/function/piped", data=body, headers={"X-Call-Id": "same"})
+                                       for body in bodies))
+    assert [r.status for r in responses] == [200] * 4
+    assert [await r.read() for r in responses] == bodies

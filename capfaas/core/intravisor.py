@@ -9,6 +9,7 @@ with a capability fault and the cVM, which has shown it cannot be trusted, is st
 from __future__ import annotations
 
 import asyncio
+import itertools
 import resource
 import secrets
 import time
@@ -73,7 +74,8 @@ class Invocation:
     chain: list[str] = field(default_factory=list)
     """The functions that called their way to this invocation, outermost first."""
     root: str = ""
-    """The top-level invocation this one serves (empty: it is one), whose end releases its buffers."""
+    """The scope of the shared buffers this invocation and the calls it makes use, released when
+    the top-level invocation (the one without a ``chain``) ends; a new one when empty."""
     stream: Any = None
     """The CAP_Stream (a shared object) the body arrives on while the function runs: a chunked
     request, or a calling function writing to it."""
@@ -118,6 +120,7 @@ class Intravisor:
         self.broker = Broker(shared_budget, max_file_size=region_size // 2)
         """Shared objects: payload buffers handed between cVMs, and CAP_Files."""
         self.broker.cvms = self.cvms
+        self._scopes = itertools.count(1)
         self.entries = EntryTable()
         """Sealed entry capabilities: the only call targets a cVM can name."""
         self.channels = channel_table(pm.hook.capfaas_channels())
@@ -288,7 +291,8 @@ class Intravisor:
         cvm.state = State.BUSY
         cvm.busy += 1
         cvm.invocations += 1
-        cvm.root = invocation.root or invocation.id
+        cvm.root = scope = invocation.root or f"{invocation.id}#{next(self._scopes)}"  # ids can repeat
+        top_level = None if invocation.chain else scope
         started = time.monotonic()
         timeout = cvm.spec.limits.timeout if timeout is None else min(timeout, cvm.spec.limits.timeout)
         if self._invoke_hooks:
@@ -300,8 +304,7 @@ class Intravisor:
             reply = await cvm.exchange(message)
             result = self._result(cvm, reply)
             if result.stream is not None:  # the body follows through a CAP_Stream: the cVM stays busy
-                result.stream = OutputStream(self, cvm, *result.stream, started + timeout,
-                                             None if invocation.chain else invocation.id)
+                result.stream = OutputStream(self, cvm, *result.stream, started + timeout, top_level)
                 result.stdout, result.stderr = cvm.process.console.take()
                 return result
             cvm.busy -= 1
@@ -332,7 +335,7 @@ class Intravisor:
                               f"function {cvm.spec.name!r} broke the rules and its cVM was stopped: {exc}")
         finally:
             expiry.cancel()
-        self.broker.end_invocation(cvm, None if invocation.chain else invocation.id)
+        self.broker.end_invocation(cvm, top_level)
         result.stdout, result.stderr = cvm.process.console.take()
         result.duration = time.monotonic() - started
         if self._invoke_hooks:

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -415,6 +416,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _SLICE = 4 * MiB
 """A response is written in slices of this size, each of which must drain within ``body_timeout``."""
 _background: set[asyncio.Future[Any]] = set()
+_scopes = itertools.count(1)
+"""Numbers that make each invocation's buffer scope unique."""
 _random = random.Random()
 
 
@@ -470,7 +473,7 @@ async def _read_prefix(request: web.Request, limit: int) -> tuple[bytes, bool]:
 async def _read_rest(request: web.Request, gateway: Gateway, cvm: Any, prefix: bytes,
                      shared_as: str | None = None) -> tuple[Capability | bytes, int | None]:
     """A large body, written once into shared memory as it arrives (after ``prefix``): into the
-    cVM's receive area, or, with ``shared_as`` (the invocation id), into a shared object the
+    cVM's receive area, or, with ``shared_as`` (the invocation's buffer scope), into a shared object the
     function can hand on to others without a copy (a sequence's stages).
 
     An instance serving several invocations at once has no receive area to spare for each: its
@@ -586,6 +589,7 @@ async def _acquire(gateway: Gateway, name: str) -> tuple[Any, Any, bool] | web.R
 async def _run(request: web.Request, gateway: Gateway, name: str, call_id: str, prefix: bytes,
                complete: bool) -> tuple[Any, Result, bool, Any] | web.StreamResponse:
     started = time.monotonic()
+    scope = f"{call_id}#{next(_scopes)}"  # the client chooses X-Call-Id: this is ours alone
     acquired = await _acquire(gateway, name)
     if isinstance(acquired, web.StreamResponse):
         return acquired
@@ -600,18 +604,18 @@ async def _run(request: web.Request, gateway: Gateway, name: str, call_id: str, 
     try:
         if not complete and not streamed:
             async with asyncio.timeout(gateway.settings.body_timeout):
-                shared_as = call_id if "sequence" in deployed.info.record.extra else None
+                shared_as = scope if "sequence" in deployed.info.record.extra else None
                 body, length = await _read_rest(request, gateway, cvm, prefix, shared_as)
     except TimeoutError:
-        gateway.intravisor.broker.release(call_id)
+        gateway.intravisor.broker.release(scope)
         pool.release(cvm)
         return _text(408, f"the request body did not arrive within {gateway.settings.body_timeout:g} s")
     except web.HTTPException as exc:
-        gateway.intravisor.broker.release(call_id)
+        gateway.intravisor.broker.release(scope)
         pool.release(cvm)
         return _text(exc.status, exc.text or exc.reason)
     except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError):
-        gateway.intravisor.broker.release(call_id)
+        gateway.intravisor.broker.release(scope)
         pool.release(cvm)
         return _text(400, "the client closed the connection before sending the whole body")
     except BaseException:
@@ -623,7 +627,7 @@ async def _run(request: web.Request, gateway: Gateway, name: str, call_id: str, 
     invocation = Invocation(method=request.method, path="/" + request.match_info.get("path", ""),
                             query=dict(request.query) if request.query_string else {},
                             headers=_invocation_headers(request),
-                            body=body, length=length, id=call_id)
+                            body=body, length=length, id=call_id, root=scope)
     gateway.in_flight += 1
     try:
         if streamed:
