@@ -479,3 +479,40 @@ async def test_concurrent_sequences_with_one_call_id_keep_their_own_buffers(gw: 
                                        for body in bodies))
     assert [r.status for r in responses] == [200] * 4
     assert [await r.read() for r in responses] == bodies
+
+
+HALVES = """
+def handle(event, context):
+    buffer = context.buffer(2 << 20)
+    buffer.view[:1 << 20] = b"s" * (1 << 20)  # a secret half, kept
+    buffer.view[1 << 20:] = b"p" * (1 << 20)  # the half it hands over
+    public = buffer.capability.set_address(buffer.capability.base + (1 << 20)).set_bounds(1 << 20)
+    answer = context.call("peeker", public)
+    return {"body": {"answer": answer.text}}
+"""
+
+PEEKER = """
+from capfaas.core.capability import Capability
+from capfaas.core.perms import Perm
+def handle(event, context):
+    cap = event.capability
+    mapped = [g.mapped_size for g in context.caller.grants.held.values()]
+    if event.query.get("steal"):
+        return Capability.root().set_address(cap.base - (1 << 20)).set_bounds(1 << 20).and_permissions(
+            Perm.LOAD | Perm.GLOBAL)  # the caller's other half, claimed
+    return f"{cap.top - cap.base} {bytes(event.body[:1]).decode()} {mapped}"
+"""
+
+
+async def test_a_callee_is_granted_just_the_argument_not_the_buffer_around_it(gw: Any) -> None:
+    _, client = gw
+    await deploy(client, "halves", HALVES)
+    await deploy(client, "peeker", PEEKER)
+    status, body = await call(client, "halves")
+    assert status == 200 and body["answer"] == f"{1 << 20} p [{1 << 20}]"  # one MiB mapped, not two
+    stealer = HALVES.replace('context.call("peeker", public)', 'context.call("peeker", public, headers={})')
+    await deploy(client, "stealer", stealer.replace('"peeker"', '"peeker-steals"'))
+    await deploy(client, "peeker-steals", PEEKER.replace('event.query.get("steal")', "True"))
+    status, body = await call(client, "stealer")
+    assert status == 500 and body["type"] == "FunctionCallError"
+    assert "CapabilityFault" in body["message"] and "not derivable" in body["message"]

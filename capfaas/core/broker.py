@@ -18,7 +18,7 @@ from .capfiles import check_name
 from .cvm import CVM
 from .perms import Perm
 from .ring import RingReader, RingWriter, init_ring, ring_size
-from .shared import SharedArea, SharedObject
+from .shared import READ_ONLY, SharedArea, SharedObject
 
 GiB = 1 << 30
 MAX_FILES = 4096
@@ -71,15 +71,17 @@ class Broker:
         return getattr(cvm.process, "grant_channel", None) is not None and cvm.spec.limits.concurrency == 1
 
     def grant(self, cvm: CVM, obj: SharedObject, *, writable: bool, transient: bool,
-              extra_fds: tuple[int, ...] = (), fresh: bool = False) -> dict[str, Any]:
-        """Give ``cvm`` access to ``obj``; returns the announcement for its control message, which
-        says whether a descriptor was sent or the cVM's existing mapping serves."""
+              extra_fds: tuple[int, ...] = (), fresh: bool = False, within: Capability | None = None) -> dict[str, Any]:
+        """Give ``cvm`` access to ``obj`` (read-only access to just ``within``'s bounds, when given:
+        a call's argument, not the whole buffer it lies in); returns the announcement for its
+        control message, which says whether a descriptor was sent or an existing mapping serves."""
         if not self.can_map(cvm):
             raise SharingUnavailable(f"cVM {cvm.id} cannot map shared objects")
+        cap = self.area.capability(obj, writable) if within is None else within.and_permissions(READ_ONLY)
         held = cvm.grants.get(obj.id)
-        if held is not None and not fresh and (bool(held.perms & Perm.STORE) or not writable):
-            return {"object": obj.id, "cap": held, "sent": False}
-        cap = self.area.capability(obj, writable)
+        if (held is not None and not fresh and (bool(held.perms & Perm.STORE) or not writable)
+                and held.base <= cap.base and cap.top <= held.top):
+            return {"object": obj.id, "cap": held, "sent": False, "origin": obj.address}
         fd = obj.descriptor(writable)
         try:
             socket.send_fds(cvm.process.grant_channel, [wire.pack({"object": obj.id})], [fd, *extra_fds])
@@ -90,7 +92,7 @@ class Broker:
         cvm.grants[obj.id] = cap
         if transient:
             cvm.transient.add(obj.id)
-        return {"object": obj.id, "cap": cap, "sent": True}
+        return {"object": obj.id, "cap": cap, "sent": True, "origin": obj.address}
 
     def end_invocation(self, cvm: CVM, top_level_id: str | None) -> None:
         """The cVM unmapped its payload grants; a top-level invocation's buffers are released."""

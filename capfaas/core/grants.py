@@ -70,6 +70,9 @@ class Grant:
     mapping: mmap.mmap
     transient: bool
     """A payload granted for one invocation (unmapped after it), not a CAP_File kept open."""
+    mapped_at: int = 0
+    """The address the mapping's first byte stands for (the page holding the capability's base)."""
+    mapped_size: int = 0
     events: tuple[int, ...] = ()
     """A CAP_Stream's eventfds: data available, space available."""
     users: int = 0
@@ -88,7 +91,7 @@ class Grant:
             raise diagnose_access(cap, address, size, required, "store" if writable else "load")
         if self.revoked:
             raise TagFault(cap, address, size, "load", "the shared object was revoked (its CAP_File was deleted)")
-        offset = address - self.capability.base
+        offset = address - self.mapped_at
         view = memoryview(self.mapping)[offset:offset + size]
         return view if writable else view.toreadonly()
 
@@ -117,18 +120,22 @@ class Grants:
             for fd in fds:
                 os.close(fd)
             raise ConnectionError("the grant channel is out of step with the control channel")
-        size = cap.top - cap.base
+        origin = int(announced.get("origin", cap.base))
+        start = (cap.base - origin) & ~(mmap.PAGESIZE - 1)  # only the pages the capability reaches
+        end = min(-(-(cap.top - origin) // mmap.PAGESIZE) * mmap.PAGESIZE, os.fstat(fds[0]).st_size)
+        size = end - start
         self.space.take(size)
         writable = bool(cap.perms & Perm.STORE)
         try:
             mapping = self.space.mapper(fds[0], size, mmap.MAP_SHARED,
-                                        mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+                                        mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0), offset=start)
         except BaseException:
             self.space.give_back(size)
             for fd in fds:
                 os.close(fd)
             raise
-        grant = Grant(announced["object"], cap, fds[0], mapping, transient, tuple(fds[1:]))
+        grant = Grant(announced["object"], cap, fds[0], mapping, transient, events=tuple(fds[1:]),
+                      mapped_at=origin + start, mapped_size=size)
         replaced = self.held.get(grant.id)
         self.held[grant.id] = grant
         if replaced is not None and not replaced.users:  # a fresh descriptor for the same object
@@ -172,7 +179,7 @@ class Grants:
                 continue
             for fd in (grant.fd, *grant.events):
                 os.close(fd)
-            self.space.give_back(grant.capability.top - grant.capability.base)
+            self.space.give_back(grant.mapped_size)
         self._lingering = still
 
 

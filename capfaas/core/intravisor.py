@@ -351,7 +351,8 @@ class Intravisor:
             length = body.length if length is None else length
             if self.broker.find(body, length) is not None:
                 try:
-                    announced = self.broker.grant(cvm, self.broker.find(body, length), writable=False, transient=True)
+                    announced = self.broker.grant(cvm, self.broker.find(body, length), writable=False, transient=True,
+                                                  within=body)
                 except SharingUnavailable:  # its backend cannot map it: one copy into its region
                     body = self.place(cvm, self.broker.area.view(body, body.address, length))
         elif len(body) > INLINE_LIMIT and not invocation.inline and cvm.spec.limits.concurrency == 1:

@@ -95,7 +95,7 @@ def _handed_back(intravisor: Any, caller: Any, result: Result) -> dict[str, Any]
         if result.capability is not None:
             obj = broker.find(result.capability, len(result.body))
             if obj is not None:
-                announced = broker.grant(caller, obj, writable=False, transient=True)
+                announced = broker.grant(caller, obj, writable=False, transient=True, within=result.capability)
                 return {"body": result.capability, "length": len(result.body), "grant": announced}
         if len(result.body) > INLINE_LIMIT:
             cap, announced = broker.copy_into_buffer(caller, result.body)
