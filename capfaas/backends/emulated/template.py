@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -178,20 +179,7 @@ def run_function_template(message: dict[str, Any], control_fd: int, libos: Any) 
     send({"op": "ready", "pid": os.getpid()})
 
     def clone(body: Any) -> int:
-        pid = libos.fork()
-        if pid == 0:
-            status = 70
-            try:
-                reaper.forget_in_child()
-                control.close()
-                status = body()
-            except BaseException:  # nothing may escape a forked child back into the template
-                traceback.print_exc()  # to the backend's diagnostic tail
-                status = 70
-            finally:
-                os._exit(status)
-        reaper.children.add(pid)
-        return pid
+        return fork_child(libos.fork, reaper, control, body)
 
     def fork_spare() -> None:
         """Fork the next instance ahead of need and give the intravisor the socket that wakes it.
@@ -314,6 +302,26 @@ def _one_message(data: bytes) -> dict[str, Any]:
     return message if isinstance(message, dict) else {}
 
 
+def fork_child(fork: Callable[[], int], reaper: ChildReaper, parent_socket: socket.socket,
+               body: Callable[[], int]) -> int:
+    """Fork (through ``fork``) a child that drops the parent's socket and reaper, runs ``body`` and
+    exits with its status; nothing it raises escapes back into the parent's code. The child's pid."""
+    pid = fork()
+    if pid == 0:
+        status = 70
+        try:
+            reaper.forget_in_child()
+            parent_socket.close()
+            status = body()
+        except BaseException:  # nothing may escape a forked child back into the template
+            traceback.print_exc()  # to the backend's diagnostic tail
+            status = 70
+        finally:
+            os._exit(status)
+    reaper.children.add(pid)
+    return pid
+
+
 class ChildReaper:
     """Reaps a process's children and reports how each ended, woken by SIGCHLD."""
 
@@ -382,21 +390,9 @@ class Template:
         self.sock.send(wire.pack(message))
 
     def fork(self, message: dict[str, Any], fds: list[int], body: Any) -> None:
-        pid = os.fork()
-        if pid == 0:
-            status = 70
-            try:
-                self.reaper.forget_in_child()
-                self.sock.close()
-                status = body()
-            except BaseException:  # nothing may escape a forked child back into the template
-                traceback.print_exc()  # to the backend's diagnostic tail
-                status = 70
-            finally:
-                os._exit(status)
+        pid = fork_child(os.fork, self.reaper, self.sock, body)
         for fd in fds:
             os.close(fd)
-        self.reaper.children.add(pid)
         self.send({"op": "launched", "cvm": message["cvm_id"], "pid": pid})
 
     def serve(self) -> None:
