@@ -96,6 +96,12 @@ class Grant:
         return view if writable else view.toreadonly()
 
 
+def ring(grant: Grant) -> memoryview:
+    """A CAP_Stream's ring as this cVM reaches it: through its read-write capability, checked once."""
+    cap = grant.capability
+    return grant.view(cap, cap.base, cap.top - cap.base, writable=True)
+
+
 class Grants:
     """The grants this cVM holds, received over its grant channel."""
 

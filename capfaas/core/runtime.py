@@ -22,7 +22,7 @@ from typing import Any
 from . import wire
 from .capability import Capability, representable_alignment_mask
 from .capfiles import Files, install_open
-from .grants import Grant, Grants
+from .grants import Grant, Grants, ring
 from .perms import Perm
 from .handlers import (CallResult, Context, Event, FunctionCallError, HandlerResultError, Response, SharedBuffer,
                        StreamCall, StreamedEvent, adapt, streamed_response)
@@ -291,7 +291,7 @@ class Runtime:
     def _event(self, message: dict[str, Any]) -> Event:
         if message.get("stream") is not None:  # a chunked request: its body arrives as it is sent
             grant = self._accept(message["stream"], transient=True)
-            reader = RingReader(grant.mapping, *grant.events, timeout=max(0.0, message.get("deadline", 0.0) - time.time()))
+            reader = RingReader(ring(grant), *grant.events, timeout=max(0.0, message.get("deadline", 0.0) - time.time()))
             self._streams.append(reader)
             return StreamedEvent(message.get("method", "GET"), message.get("path", "/"), message.get("query") or {},
                                  message.get("headers") or {}, None, None, reader)
@@ -404,7 +404,7 @@ class Runtime:
         if granted.get("error"):
             raise RuntimeError(f"cannot open a stream to {_label(function)!r}: {granted['error'].get('message')}")
         grant = self._accept(granted["grant"], transient=True)
-        writer = RingWriter(grant.mapping, *grant.events, timeout=max(context.remaining_time(), 0.001))
+        writer = RingWriter(ring(grant), *grant.events, timeout=max(context.remaining_time(), 0.001))
         message = self._call_message(context, target, b"", headers)
         message["stream"] = grant.id
         self.send(message)  # the callee starts now; its answer is read when the stream is closed
@@ -476,7 +476,7 @@ class Runtime:
         if granted.get("error"):
             raise RuntimeError(f"cannot stream the response: {granted['error'].get('message')}")
         grant = self._accept(granted["grant"], transient=True)
-        writer = RingWriter(grant.mapping, *grant.events, timeout=max(context.remaining_time(), 0.001))
+        writer = RingWriter(ring(grant), *grant.events, timeout=max(context.remaining_time(), 0.001))
         self.send({**reply, "status": response.status, "headers": response.headers, "stream": True})
         closing: dict[str, Any] = {"op": "streamed", "id": reply["id"]}
         try:
