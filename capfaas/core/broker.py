@@ -110,8 +110,7 @@ class Broker:
     def payload(self, root: str, owner: str, size: int) -> tuple[Capability, memoryview]:
         """A buffer the gateway fills with a request body for top-level invocation ``root``: the
         read-only capability the function receives, and the writable view to fill."""
-        obj = self.area.create("buffer", size, owner)
-        self._scoped.setdefault(root, []).append(obj)
+        obj = self._scoped_buffer(root, owner, size)
         return self.area.capability(obj, writable=False), memoryview(obj.mapping)
 
     def stream(self, owner: str, capacity: int) -> SharedObject:
@@ -132,6 +131,12 @@ class Broker:
     def grant_stream(self, cvm: CVM, obj: SharedObject) -> dict[str, Any]:
         """Grant a stream's ring (read-write: each side publishes its counter) and its eventfds."""
         return self.grant(cvm, obj, writable=True, transient=True, extra_fds=obj.events)
+
+    def _scoped_buffer(self, root: str, owner: str, size: int) -> SharedObject:
+        """A new payload buffer, released when the top-level invocation ``root`` ends."""
+        obj = self.area.create("buffer", size, owner)
+        self._scoped.setdefault(root, []).append(obj)
+        return obj
 
     def release(self, root: str) -> None:
         """Release the buffers of top-level invocation ``root`` (one that never ran)."""
@@ -154,15 +159,12 @@ class Broker:
         if not isinstance(size, int) or isinstance(size, bool):
             raise ValueError(f"a buffer's size must be a number of bytes, got {size!r}")
         self._charge(cvm, size)
-        obj = self.area.create("buffer", size, cvm.spec.name)
-        self._scoped.setdefault(cvm.root, []).append(obj)
-        return self.grant(cvm, obj, writable=True, transient=True)
+        return self.grant(cvm, self._scoped_buffer(cvm.root, cvm.spec.name, size), writable=True, transient=True)
 
     def copy_into_buffer(self, cvm: CVM, data: Any) -> tuple[Capability, dict[str, Any]]:
         """``data`` copied once into a new buffer granted read-only to ``cvm``."""
         self._charge(cvm, len(data))
-        obj = self.area.create("buffer", max(len(data), 1), cvm.spec.name)
-        self._scoped.setdefault(cvm.root, []).append(obj)
+        obj = self._scoped_buffer(cvm.root, cvm.spec.name, max(len(data), 1))
         self.area.fill(obj, data)
         announced = self.grant(cvm, obj, writable=False, transient=True)
         return announced["cap"].set_bounds(len(data)) if len(data) else announced["cap"], announced

@@ -73,6 +73,14 @@ def _perm_names(mask: int) -> str:
     return ", ".join(p.name for p in Perm if mask & p) or "none"
 
 
+def check_access(cap: Any, address: int, size: int, required: int, access: str) -> None:
+    """Raise the fault a data access through ``cap`` would take, if it would take one: the checks
+    the emulated memory makes, for memory outside it (shared objects)."""
+    if not (cap.tag and not cap.otype and cap.perms & required == required
+            and cap.base <= address and address + size <= cap.top):
+        raise diagnose_access(cap, address, size, required, access)
+
+
 def diagnose_access(cap: Any, address: int, size: int, required: int, access: str) -> CapabilityFault:
     """Build the fault a refused data access raises, checking in Morello's order.
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import wire
 from .capability import Capability
-from .faults import TagFault, diagnose_access
+from .faults import TagFault, check_access
 from .perms import Perm
 
 CHUNK = 16 << 20
@@ -85,10 +85,8 @@ class Grant:
 
     def view(self, cap: Capability, address: int, size: int, *, writable: bool = False) -> memoryview:
         """``size`` bytes at ``address`` through ``cap``: checked once, then zero-copy."""
-        required = int(Perm.LOAD | Perm.STORE) if writable else int(Perm.LOAD)
-        if not (cap.tag and not cap.otype and cap.perms & required == required
-                and cap.base <= address and address + size <= cap.top):
-            raise diagnose_access(cap, address, size, required, "store" if writable else "load")
+        check_access(cap, address, size, int(Perm.LOAD | Perm.STORE) if writable else int(Perm.LOAD),
+                     "store" if writable else "load")
         if self.revoked:
             raise TagFault(cap, address, size, "load", "the shared object was revoked (its CAP_File was deleted)")
         offset = address - self.mapped_at

@@ -115,6 +115,11 @@ def _packed(reply: dict[str, Any]) -> bytes:
                                     "message": f"the result cannot be sent: {exc}"}})
 
 
+def _chunk(chunk: Any) -> Any:
+    """A yielded chunk as bytes-like: text is sent as UTF-8."""
+    return chunk.encode() if isinstance(chunk, str) else chunk
+
+
 def _whole(streamed: Response, body: bytes) -> dict[str, Any]:
     """A streamed response as an ordinary one, its chunks joined."""
     return {"statusCode": streamed.status, "headers": streamed.headers, "body": body}
@@ -501,9 +506,9 @@ class Runtime:
                     chunk = self.loop.run_until_complete(body.__anext__())
                 except StopAsyncIteration:
                     return
-                yield chunk.encode() if isinstance(chunk, str) else chunk
+                yield _chunk(chunk)
         for chunk in body:
-            yield chunk.encode() if isinstance(chunk, str) else chunk
+            yield _chunk(chunk)
 
     async def invoke_async(self, message: dict[str, Any]) -> dict[str, Any]:
         """One of several concurrent invocations: results travel inline (no shared heap to split)."""
@@ -516,7 +521,7 @@ class Runtime:
             if streamed is not None:  # concurrent invocations share one channel: the body goes whole
                 chunks = streamed.body
                 parts = [c async for c in chunks] if inspect.isasyncgen(chunks) else list(chunks)
-                value = _whole(streamed, b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in parts))
+                value = _whole(streamed, b"".join(map(_chunk, parts)))
             return self._finish(self._complete(reply, value, inline=True), None)
         except BaseException as exc:
             return self._finish(reply, exc)

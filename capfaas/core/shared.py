@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .capability import Capability, representable_alignment_mask
-from .faults import TagFault, diagnose_access
+from .faults import TagFault, check_access
 from .perms import Perm
 
 PAGE = mmap.PAGESIZE
@@ -125,10 +125,7 @@ class SharedArea:
     def view(self, cap: Capability, address: int, size: int) -> memoryview | bytes:
         """``size`` bytes at ``address``, checked against ``cap``: a read-only view of a payload, but a
         copy of a CAP_File's bytes, since a CAP_File can be revoked (truncated) at any moment."""
-        required = int(Perm.LOAD)
-        if not (cap.tag and not cap.otype and cap.perms & required == required
-                and cap.base <= address and address + size <= cap.top):
-            raise diagnose_access(cap, address, size, required, "load")
+        check_access(cap, address, size, int(Perm.LOAD), "load")
         obj = self.find(cap.set_address(address), size)
         if obj is None:
             raise TagFault(cap, address, size, "load", "no live shared object is there: it was revoked or freed")
