@@ -25,20 +25,22 @@ class Stream:
         self.closed = False
         os.set_blocking(fd, False)
 
-    def read_available(self) -> None:
+    def read_available(self) -> bool:
+        """Read what is in the pipe; True once every writer is gone (end of file)."""
         while not self.closed:
             try:
                 chunk = os.read(self.fd, CHUNK)
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError:
-                return
+                return True
             if not chunk:
-                return
+                return True
             room = self.limit - len(self.kept)
             if room > 0:
                 self.kept += chunk[:room]
             self.dropped += max(0, len(chunk) - max(room, 0))
+        return True
 
     def take(self) -> bytes:
         """What was read since the last take, with a marker if some of it was dropped."""
@@ -57,9 +59,21 @@ class Console:
         self.streams = (Stream(stdout_fd, limit), Stream(stderr_fd, limit))
         self.loop = asyncio.get_running_loop()
         self.pending = select.poll()
+        self.watched: set[Stream] = set()
         for stream in self.streams:
-            self.loop.add_reader(stream.fd, stream.read_available)
+            self.loop.add_reader(stream.fd, self._readable, stream)
             self.pending.register(stream.fd, select.POLLIN)
+            self.watched.add(stream)
+
+    def _readable(self, stream: Stream) -> None:
+        if stream.read_available():  # the cVM is gone: a hung-up pipe stays readable, so stop watching
+            self._unwatch(stream)
+
+    def _unwatch(self, stream: Stream) -> None:
+        if stream in self.watched:
+            self.watched.discard(stream)
+            self.loop.remove_reader(stream.fd)
+            self.pending.unregister(stream.fd)
 
     def take(self) -> tuple[bytes, bytes]:
         """What each stream got since the last take. One poll, rather than a read per stream,
@@ -67,7 +81,7 @@ class Console:
         for fd, _ in self.pending.poll(0):
             for stream in self.streams:
                 if stream.fd == fd:
-                    stream.read_available()
+                    self._readable(stream)
         stdout, stderr = self.streams
         return stdout.take(), stderr.take()
 
@@ -77,8 +91,7 @@ class Console:
             if stream.closed:
                 continue
             stream.read_available()
-            self.loop.remove_reader(stream.fd)
-            self.pending.unregister(stream.fd)
+            self._unwatch(stream)
             os.close(stream.fd)
             stream.closed = True
 
