@@ -187,6 +187,10 @@ class EmulatedTemplate(TemplateProcess):
         if spare is not None:
             assert spare.control is not None
             socket.send_fds(spare.control, [wire.pack(region)], [self.backend.memory.fd])
+            try:  # told after the region is sent: the instance runs first, then the template wakes
+                self.sock.send(wire.pack({"op": "spare-taken"}))
+            except OSError:
+                pass
             return spare
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
@@ -222,7 +226,7 @@ class EmulatedTemplate(TemplateProcess):
         return await _attach(pid, ours, grants_ours, out_r, err_r, self.output_limit, self.backend.exit_future(pid))
 
     async def _take_spare(self) -> EmulatedProcess | None:
-        """A prepared spare clone that is still alive, or None; the template forks the next one."""
+        """A prepared spare clone that is still alive, or None."""
         while self._spares:
             try:
                 spare = await self._spares.pop()
@@ -231,10 +235,6 @@ class EmulatedTemplate(TemplateProcess):
             if spare.exited or spare.reader.at_eof():  # it died while it waited
                 spare.kill()
                 continue
-            try:
-                self.sock.send(wire.pack({"op": "spare-taken"}))
-            except OSError:
-                pass
             return spare
         return None
 
