@@ -96,6 +96,8 @@ class Broker:
 
     def end_invocation(self, cvm: CVM, top_level_id: str | None) -> None:
         """The cVM unmapped its payload grants; a top-level invocation's buffers are released."""
+        if not (cvm.transient or cvm.buffered or cvm.pipes or top_level_id in self._scoped):
+            return  # the usual invocation: nothing was shared
         for object_id in cvm.transient:
             cvm.grants.pop(object_id, None)
         cvm.transient.clear()

@@ -44,6 +44,8 @@ class Stream:
 
     def take(self) -> bytes:
         """What was read since the last take, with a marker if some of it was dropped."""
+        if not self.kept and not self.dropped:  # the usual case: the function printed nothing
+            return b""
         data = bytes(self.kept)
         if self.dropped:
             data += f"\n[truncated {self.dropped} bytes]\n".encode()

@@ -31,6 +31,8 @@ from .spec import FunctionSpec
 
 INLINE_LIMIT = 64 << 10
 """Bodies up to this size travel inside the control message; larger ones as capabilities."""
+_PLAIN_RESULTS = frozenset((type(None), str, bytes))
+"""Results that can be neither awaited nor streamed: the usual ones skip both checks."""
 CALL_INLINE_MAX = 4 << 20
 """The largest call argument a concurrent cVM may send inside a control message."""
 
@@ -463,13 +465,14 @@ class Runtime:
         event, context, reply = self._begin(message)
         try:
             value = self.call(event, context)
-            if inspect.isawaitable(value):
-                value = self.loop.run_until_complete(value)
-            streamed = streamed_response(value)
-            if streamed is not None and self.grants is not None:
-                return self._stream(reply, streamed, context)
-            if streamed is not None:  # no stream to this cVM's caller here: the body goes whole
-                value = _whole(streamed, b"".join(self._chunks(streamed.body)))
+            if type(value) not in _PLAIN_RESULTS:
+                if inspect.isawaitable(value):
+                    value = self.loop.run_until_complete(value)
+                streamed = streamed_response(value)
+                if streamed is not None and self.grants is not None:
+                    return self._stream(reply, streamed, context)
+                if streamed is not None:  # no stream to this cVM's caller here: the body goes whole
+                    value = _whole(streamed, b"".join(self._chunks(streamed.body)))
             return self._finish(self._complete(reply, value, inline=False, called=bool(message.get("chain"))), None)
         except BaseException as exc:
             return self._finish(reply, exc)
