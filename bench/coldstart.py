@@ -6,7 +6,8 @@ Run: ``python bench/coldstart.py`` (``--quick`` for a short run). Prints
    scale-down and back to back, against spawning a fresh Python process that imports the function
    and calls it once, measured in this run;
 2. a warm hit through HTTP, against the same request to a bare aiohttp+uvloop server that runs the
-   handler inline (the ceiling), both from a load generator in its own process;
+   handler inline (the ceiling), both from a load generator in its own process (wrk at
+   concurrency 1, as bench/http.py uses, when it is installed);
 3. N warm instances of a no-op function at once: incremental PSS per instance
    (``/proc/PID/smaps_rollup``), against a fresh interpreter's PSS;
 4. a burst of 200 concurrent requests at a cold function with ``max`` 4: instances started and
@@ -25,6 +26,8 @@ if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
 import argparse
 import asyncio
 import base64
+import importlib.util
+import shutil
 import signal
 import socket
 import statistics
@@ -32,6 +35,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import uvloop
@@ -160,10 +164,25 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 """
 
 
-def warm_latency(url: str, rounds: int) -> list[float]:
-    """Sequential keep-alive requests from a load generator in its own process."""
+def _http_bench() -> Any:
+    """bench/http.py as a module, for its wrk runner."""
+    spec = importlib.util.spec_from_file_location("bench_http", Path(__file__).with_name("http.py"))
+    assert spec is not None and spec.loader is not None
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def warm_p50(url: str, rounds: int, seconds: float) -> float:
+    """p50 seconds of sequential keep-alive requests, from a load generator in its own process:
+    wrk at concurrency 1, as the HTTP bench measures its ceiling, when it is installed (it costs the
+    2-core machine far less CPU than a Python client), else an aiohttp client."""
+    if shutil.which("wrk"):
+        run = _http_bench().wrk
+        run(url, 1, 1.0)  # warm: caches hot
+        return run(url, 1, seconds).p50_us / 1e6
     out = subprocess.run([sys.executable, "-c", LOADGEN, url, str(rounds)], capture_output=True, text=True, check=True)
-    return [float(x) for x in out.stdout.split()]
+    return percentile([float(x) for x in out.stdout.split()], .5)
 
 
 def pss_kib(pid: int) -> int:
@@ -243,8 +262,9 @@ async def run(quick: bool, instances: int) -> None:
             fresh = fresh_process_starts(workdir, max(5, rounds // 4))
             async with aiohttp.ClientSession() as session:
                 await gateway.deploy(session, "noop", NOOP, {"com.openfaas.scale.min": "1"})
-            warm = warm_latency(f"{gateway.url}/function/noop", rounds * 20)
-            bare = warm_latency(f"http://127.0.0.1:{ceiling_port}/function/noop", rounds * 20)
+            seconds = 2.0 if quick else 5.0
+            warm = warm_p50(f"{gateway.url}/function/noop", rounds * 20, seconds)
+            bare = warm_p50(f"http://127.0.0.1:{ceiling_port}/function/noop", rounds * 20, seconds)
             started, by_status, retry_after = await burst(gateway, 200)
         finally:
             gateway.stop()
@@ -256,8 +276,9 @@ async def run(quick: bool, instances: int) -> None:
     print(f"fresh Python process importing the function: p50 {percentile(fresh, .5) * 1e3:.2f} ms")
     print(f"  cold start is {percentile(fresh, .5) / percentile(cold, .5):.1f}x faster "
           f"(back to back: {percentile(fresh, .5) / percentile(back_to_back, .5):.1f}x)")
-    print(f"warm hit through the gateway: p50 {percentile(warm, .5) * 1e6:.0f} us; bare aiohttp ceiling: "
-          f"p50 {percentile(bare, .5) * 1e6:.0f} us; added {(percentile(warm, .5) - percentile(bare, .5)) * 1e6:.0f} us")
+    generator = "wrk, c=1" if shutil.which("wrk") else "an aiohttp client; install wrk to measure as bench/http.py does"
+    print(f"warm hit through the gateway ({generator}): p50 {warm * 1e6:.0f} us; bare aiohttp ceiling: "
+          f"p50 {bare * 1e6:.0f} us; added {(warm - bare) * 1e6:.0f} us")
     print(f"burst of 200 at a cold function with max 4: {started} instances started; answers {by_status}"
           f" ({retry_after} of the 429s carry Retry-After)")
     per_instance, fresh_pss, count = await density(instances)
