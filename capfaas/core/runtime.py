@@ -155,6 +155,10 @@ class Runtime:
         """Entry capabilities of the functions this cVM called, by name."""
         self._streams: list[RingReader] = []
         """CAP_Streams of the running invocation, closed when it ends."""
+        self._lengths: dict[Capability, int] = {}
+        """The exact length of each payload capability the running invocations were handed or made.
+        Bounds round a large length up to what they can represent; passing such a capability on
+        sends these bytes, not the rounding."""
         self.unpacker = wire.unpacker(max_buffer_size=1 << 31)  # the intravisor is trusted
         self._loop: asyncio.AbstractEventLoop | None = None
         self._chains: dict[str, list[str]] = {}
@@ -230,6 +234,8 @@ class Runtime:
             reply = await self.invoke_async(message)
             async with self._sending:
                 await loop.sock_sendall(self.sock, _packed(reply))
+            if len(running) == 1:  # the last one running: no payload of theirs is still held
+                self._lengths.clear()
 
         while data := await loop.sock_recv(self.sock, 1 << 20):
             self.unpacker.feed(data)
@@ -277,11 +283,23 @@ class Runtime:
         """``data`` copied once into shared memory; a read-only capability to it. Into a fresh shared
         object where this cVM can receive grants, so a function it calls maps it without a copy."""
         if self.grants is None or self.spec.limits.concurrency > 1:
-            return self.region.share(data)[0]
+            return self._remember(*self.region.share(data))
         view = memoryview(data).cast("B")
         buffer = self.buffer(len(view))
         buffer.view[:] = view
-        return buffer.capability.and_permissions(Perm.LOAD | Perm.GLOBAL)
+        return self._remember(buffer.capability.and_permissions(Perm.LOAD | Perm.GLOBAL), len(view))
+
+    def _remember(self, cap: Capability, length: int) -> Capability:
+        self._lengths[cap] = length
+        return cap
+
+    def _length_of(self, body: Capability | SharedBuffer) -> tuple[Capability, int]:
+        """A payload as a read-only capability and its length: the exact one when this cVM made or
+        was handed it, else (capability-aware code's own bounds) the bytes from address to top."""
+        if isinstance(body, SharedBuffer):
+            return body.capability.and_permissions(Perm.LOAD | Perm.GLOBAL), len(body.view)
+        length = self._lengths.get(body)
+        return body, (min(max(body.top - body.address, 0), (1 << 64) - 1) if length is None else length)
 
     def buffer(self, size: int) -> SharedBuffer:
         """A writable shared buffer of ``size`` bytes for this invocation, filled in place."""
@@ -305,7 +323,7 @@ class Runtime:
         body = message.get("body", b"")
         capability = None
         if isinstance(body, Capability):
-            capability = body
+            capability = self._remember(body, message["length"])
             body = self.view(body, message["length"], message.get("grant"))
         return Event(message.get("method", "GET"), message.get("path", "/"), message.get("query") or {},
                      message.get("headers") or {}, body, capability)
@@ -351,17 +369,16 @@ class Runtime:
                                    "chain": [*self._chains.get(context.invocation_id, ()), self.spec.name]}
         if isinstance(data, str):
             data = data.encode()
-        if isinstance(data, SharedBuffer):
-            data = data.capability.and_permissions(Perm.LOAD | Perm.GLOBAL)
-        if not isinstance(data, Capability) and len(data) > INLINE_LIMIT:
+        if not isinstance(data, (Capability, SharedBuffer)) and len(data) > INLINE_LIMIT:
             if self.spec.limits.concurrency > 1:  # no heap to spare: it must fit a control message
                 if len(data) > CALL_INLINE_MAX:
                     raise ValueError(f"call data above {CALL_INLINE_MAX} bytes needs a capability from "
                                      "context.share, or concurrency 1")
             else:
                 data = self.share(data)  # into shared memory once; the callee maps it there
-        if isinstance(data, Capability):
-            message.update(body=data, length=min(max(data.top - data.address, 0), (1 << 64) - 1))
+        if isinstance(data, (Capability, SharedBuffer)):
+            data, length = self._length_of(data)
+            message.update(body=data, length=length)
         else:
             message["body"] = bytes(data)
         return message
@@ -374,8 +391,9 @@ class Runtime:
         body = reply.get("body", b"")
         capability = None
         if isinstance(body, Capability):
-            capability = body
-            body = self.view(body, int(reply.get("length", 0)), reply.get("grant"))
+            length = int(reply.get("length", 0))
+            capability = self._remember(body, length)
+            body = self.view(body, length, reply.get("grant"))
         return CallResult(int(reply.get("status", 200)), dict(reply.get("headers") or {}), body, capability)
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -462,6 +480,7 @@ class Runtime:
     def invoke(self, message: dict[str, Any]) -> dict[str, Any]:
         """One invocation at a time: the region's heap is this invocation's alone."""
         self.region.reset()
+        self._lengths.clear()
         event, context, reply = self._begin(message)
         try:
             value = self.call(event, context)
@@ -532,14 +551,12 @@ class Runtime:
     def _body(self, body: Any, *, inline: bool, called: bool = False) -> dict[str, Any]:
         """A result as the reply carries it. For a calling function, a large one goes into a shared
         object, which the intravisor grants to the caller as it is."""
-        if isinstance(body, SharedBuffer):
-            body = body.capability.and_permissions(Perm.LOAD | Perm.GLOBAL)
-        if isinstance(body, Capability):  # capability-aware code: the bytes from its address to its top
-            return {"body": body, "length": min(max(body.top - body.address, 0), (1 << 64) - 1)}
+        if isinstance(body, (Capability, SharedBuffer)):
+            body, length = self._length_of(body)
+            return {"body": body, "length": length}
         if inline or len(body) <= INLINE_LIMIT:
             return {"body": bytes(body)}
         if called:
-            cap = self.share(body)
-            return {"body": cap, "length": cap.top - cap.base}
+            return {"body": self.share(body), "length": len(body)}
         cap, length = self.region.share(body)
         return {"body": cap, "length": length}

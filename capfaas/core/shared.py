@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
-from .capability import Capability, representable_alignment_mask
+from .capability import Capability, representable_alignment_mask, representable_length
 from .faults import TagFault, check_access
 from .perms import Perm
 
@@ -84,9 +84,11 @@ class SharedArea:
         self.objects: dict[int, SharedObject] = {}
 
     def create(self, kind: str, size: int, owner: str, name: str | None = None) -> SharedObject:
-        """A zero-filled object of ``size`` bytes at a fresh address, owned by ``owner``."""
+        """A zero-filled object of ``size`` bytes at a fresh address, owned by ``owner``; a size that
+        bounds cannot represent exactly is rounded up to one they can, as a CHERI allocator does."""
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise ValueError(f"a shared object's size must be a positive number of bytes, got {size!r}")
+        size = representable_length(size) or size  # 0: it wrapped past 2**64, far above any budget
         if self.used + size > self.budget:
             raise SharedAreaFull(f"{size} more bytes of shared objects would exceed the {self.budget}-byte budget "
                                  f"({self.used} in use)")
