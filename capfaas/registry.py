@@ -30,7 +30,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from .core.spec import FunctionSpec, Limits, SpecError, check_name
+from .core.spec import FunctionSpec, Limits, SpecError, check_name, declared_files
 from .credentials import ensure_state_dir
 
 DB_FILE = "registry.sqlite3"
@@ -159,7 +159,8 @@ class DeploymentRecord:
     Constructing one validates it whole (raising ``InvalidInput``), so a record that exists can
     always become a ``FunctionSpec``. ``extra`` holds the OpenFaaS ``FunctionDeployment`` fields
     that capfaas stores but does not act on (``image``, ``namespace``, ``constraints``,
-    ``envProcess``, ``requests``, ``readOnlyRootFilesystem``, ...).
+    ``envProcess``, ``requests``, ``readOnlyRootFilesystem``, ...), and capfaas's ``capFiles``,
+    which become the spec's ``capfiles``.
     """
 
     name: str
@@ -201,7 +202,8 @@ class DeploymentRecord:
     def spec(self, bundle: Path, secrets: Mapping[str, bytes]) -> FunctionSpec:
         return FunctionSpec(name=self.name, bundle=bundle, module=self.module, handler=self.handler,
                             signature=self.signature, env=dict(self.env), secrets=dict(secrets),
-                            network=self.network, limits=parse_limits(self.limits))
+                            network=self.network, limits=parse_limits(self.limits),
+                            capfiles=declared_files(self.extra.get("capFiles")))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))

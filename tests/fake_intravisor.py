@@ -8,6 +8,9 @@ CVM_MAX_SIZE, args split on spaces with 15 kept and argv[0] forced to ``/ld.so``
 kernel noise on stdout (some of it flushed mid-line), and the cVM's program run with the
 console as its stdout and stderr. The program is the agent: ``/usr/bin/python3`` (or whatever the
 image's interpreter is) becomes this Python, with the project on its path as the image has it.
+Each capfile gets a buffer of its size holding its data as ``snprintf`` copies it (at most size - 1
+bytes, then NUL), and the program runs under ``fake_lkl.py``, which stands in for musl-lkl's
+``/cap/cf1`` and ``/cap/cf2`` over those buffers.
 
 Misbehaviours, chosen with ``--mode``: ``hang`` (before the agent starts), ``spin`` (prints an
 unknown-hostcall error and spins), ``die`` (exits before the agent), ``die-once`` (dies on the
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+FAKE_LKL = Path(__file__).resolve().with_name("fake_lkl.py")
 MAX_ARGS = 16  # kMaxArgs: 15 arguments and the terminating NULL
 
 
@@ -303,6 +307,12 @@ def run(args: argparse.Namespace) -> int:
         if capfile.get("addr"):
             say("capfiles with pre-defined addresses are not supported")
         say(f"MON: CF[{index}] {capfile.get('name', '')[:9]} {capfile.get('size', 0)}")  # as with CF_DEBUG
+    buffers = Path("capfiles")
+    buffers.mkdir()
+    for capfile in capfiles:
+        with open(buffers / capfile.get("name", "")[:9], "wb") as buffer:
+            buffer.write(capfile.get("data", "").encode()[:max(capfile.get("size", 0) - 1, 0)])
+            buffer.truncate(capfile.get("size", 0))
     if len(cvms) != 1:
         fail(f"this stand-in runs one cVM per monitor, got {len(cvms)}, die")
     cvm, max_size = cvms[0], args.max_size
@@ -342,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     program = argv[1:]
     if not program:
         fail("nothing to run, die")
-    program[0] = sys.executable  # the image's interpreter
+    program[0:1] = [sys.executable, str(FAKE_LKL), str(buffers.resolve())]  # the image's interpreter, with the CAP_File devices
     if args.mode == "no-connect":
         program = [re.sub(r":\d+$", ":1", arg) if arg.startswith("127.0.0.1:") else arg for arg in program]
     say(f"LOAD: {argv[1]}")

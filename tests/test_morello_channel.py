@@ -299,8 +299,12 @@ def test_function_code_opens_declared_capfiles_through_the_two_devices(tmp_path,
         return open_capfile(name, device, ioctl=lambda fd, request, arg: probed.append((device, arg)),
                             opener=lambda path, flags: os.open(backing[path], flags))
 
-    files = DeviceFiles(stand_in)
+    files = DeviceFiles(stand_in, declared=("inbox", "outbox", "third"))
     install_open(lambda: files)
+    with pytest.raises(FileNotFoundError, match=r"no CAP_File named 'other' is declared for this cVM \(declared: "
+                                                r"inbox, outbox, third\)"):
+        open("/cap/other", "rb")  # never probed: the monitor would spin on a name it does not hold
+    assert probed == []
     first = open("/cap/inbox", "rb")
     second = open("/cap/outbox", "r+b")
     assert first.read(4) == b"0123" and probed == [("/cap/cf1", b"inbox\0"), ("/cap/cf2", b"outbox\0")]

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from capfaas.backends.emulated.backend import EmulatedBackend
 from capfaas.backends.morello import detect
 from capfaas.backends.morello.backend import MorelloBackend
 from capfaas.backends.morello.config import ConfigError, MorelloConfig, from_mapping, load_config
-from capfaas.core.backend import BackendError, select_backend
+from capfaas.core.backend import Backend, BackendError, select_backend
 from capfaas.plugin_manager import make_plugin_manager
 
 from .morello_support import (CHERIBSD_NO_SEALCAP, CHERIBSD_RISCV, DEBIAN_X86, FREEBSD_ARM64, MORELLO_HYBRID,
@@ -100,12 +101,14 @@ def test_configuration_from_a_file_and_the_environment(tmp_path: Path) -> None:
     config_file = tmp_path / "capfaas.toml"
     config_file.write_text('[morello]\nintravisor = "bin/intravisor"\nruntime = "/opt/iv/libmusl-lkl.so"\n'
                            'disk = "disk.img"\nmax_cvm_size = "0x10000000"\ncvm_base = "0x20000000"\n'
-                           'start_timeout = 300\nspin_grace = 2.5\nstart_attempts = 3\nkeep_runs = true\n')
+                           'start_timeout = 300\nready_timeout = 600\nspin_grace = 2.5\nstart_attempts = 3\n'
+                           'keep_runs = true\n')
     config = load_config({"CAPFAAS_CONFIG": str(config_file), "PATH": ""}, tmp_path)
     assert config.intravisor == str(tmp_path / "bin/intravisor")  # relative to the file
     assert (config.runtime, config.disk) == ("/opt/iv/libmusl-lkl.so", str(tmp_path / "disk.img"))
     assert (config.max_cvm_size, config.cvm_base) == (0x10000000, 0x20000000)
     assert (config.start_timeout, config.spin_grace, config.start_attempts, config.keep_runs) == (300.0, 2.5, 3, True)
+    assert config.ready_timeout == MorelloBackend(config).ready_timeout == 600.0
     overridden = load_config({"CAPFAAS_CONFIG": str(config_file), "CAPFAAS_INTRAVISOR": "/usr/local/bin/iv"}, tmp_path)
     assert overridden.intravisor == "/usr/local/bin/iv"
 
@@ -127,12 +130,19 @@ def test_a_local_capfaas_toml_is_found_and_intravisor_on_path(tmp_path: Path) ->
     ({"max_cvm_size": "0x30000000"}, r"max_cvm_size must be a power of two"),
     ({"cvm_base": "0x400001000"}, r"cvm_base 0x400001000 must be a positive multiple of max_cvm_size"),
     ({"start_timeout": "soon"}, r"start_timeout must be a number of seconds"),
+    ({"ready_timeout": 0}, r"ready_timeout must be a positive number of seconds"),
     ({"python": "python3"}, r"python must be an absolute path inside the disk image"),
     ({"keep_runs": "yes"}, r"keep_runs must be true or false"),
 ])
 def test_bad_configuration_is_refused_with_the_key(section: dict, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         from_mapping(section, "capfaas.toml")
+
+
+def test_morello_waits_longer_for_ready_than_the_default() -> None:
+    """The function's import runs in a cVM after LKL and Python started there."""
+    assert Backend.ready_timeout == EmulatedBackend.ready_timeout == 30.0
+    assert MorelloBackend(MorelloConfig()).ready_timeout == 120.0
 
 
 def test_broken_toml_is_reported(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ injected (this is not a Morello board). What the stand-in cannot show is listed 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import re
 import shutil
@@ -23,7 +25,8 @@ from capfaas.backends.morello.backend import MorelloBackend
 from capfaas.backends.morello.config import MorelloConfig
 from capfaas.core.backend import BackendError
 from capfaas.core.cvm import State
-from capfaas.core.intravisor import FunctionLoadError, Intravisor, Invocation
+from capfaas.core.intravisor import CVMStartError, FunctionLoadError, Intravisor, Invocation
+from capfaas.core.spec import declared_files
 from capfaas.plugin_manager import make_plugin_manager
 
 from .morello_support import MORELLO_PURECAP, Board, make_board, processes_under
@@ -327,3 +330,69 @@ async def test_an_agent_of_another_version_is_refused(board: Board, monkeypatch:
         assert iv.backend.starts == 1  # not worth a second attempt  # type: ignore[attr-defined]
     finally:
         await iv.close()
+
+
+async def test_a_slow_import_runs_into_the_configured_ready_timeout(board: Board) -> None:
+    iv = await open_intravisor(board.with_mode("ok", ready_timeout=1.0))
+    try:
+        assert iv.backend.ready_timeout == 1.0
+        started = time.monotonic()
+        with pytest.raises(CVMStartError, match=r"^cVM for 'slow' did not become ready within 1 s "
+                                                r"\(ready_timeout of the 'morello' backend\)$"):
+            await iv.create(board.function("slow", "import time\ntime.sleep(30)\ndef handle(event, context):\n"
+                                                   "    return 'late'\n"))
+        assert time.monotonic() - started < 6
+        assert not processes_under(board.root)
+    finally:
+        await iv.close()
+
+
+CONFIGURED = """
+import json
+
+def handle(event, context):
+    with open("/cap/config") as config:  # text, as declared, then the NUL and zeros up to its size
+        settings = config.read().rstrip("\\0")
+    if event.body:
+        with open("/cap/scratch", "r+b") as scratch:
+            scratch.write(event.body)
+    with open("/cap/scratch", "rb") as scratch, context.files.open("config") as again:
+        kept = scratch.read(16).rstrip(b"\\0").decode()
+        size = len(again.read())
+    try:
+        open("/cap/other")
+    except FileNotFoundError as exc:
+        missing = str(exc)
+    return json.dumps({"settings": settings, "kept": kept, "size": size, "missing": missing})
+"""
+
+
+async def test_function_code_opens_its_declared_capfiles(intravisor: Intravisor, board: Board) -> None:
+    declared = declared_files([{"name": "config", "size": 64, "contents": base64.b64encode(b"threshold=3\n").decode()},
+                               {"name": "scratch", "size": 4096}])
+    spec = replace(board.function("configured", CONFIGURED), capfiles=declared)
+    first = await intravisor.create(spec)
+    log = (first.process.monitor.run_dir / "monitor.log").read_text()  # type: ignore[attr-defined]
+    assert "MON: CF[0] config 64" in log and "MON: CF[1] scratch 4096" in log
+    result = await intravisor.invoke(first, Invocation(body=b"written"))
+    assert result.status == 200, result.error
+    assert json.loads(result.body) == {"settings": "threshold=3\n", "kept": "written", "size": 64,
+                                       "missing": "no CAP_File named 'other' is declared for this cVM "
+                                                  "(declared: config, scratch)"}
+    assert json.loads((await intravisor.invoke(first, Invocation())).body)["kept"] == "written"  # kept in the cVM
+    second = await intravisor.create(spec)  # its own monitor: its own capfiles, as declared
+    assert json.loads((await intravisor.invoke(second, Invocation())).body)["kept"] == ""
+
+
+async def test_probing_a_capfile_its_monitor_does_not_hold_makes_it_give_up(intravisor: Intravisor,
+                                                                            board: Board) -> None:
+    """What ``context.files`` refuses to do, and why: Intravisor spins on an unknown key."""
+    spec = board.function("prober", """
+        from capfaas.backends.morello.capfile import open_capfile
+        def handle(event, context):
+            return open_capfile("nothere").read()
+    """)
+    cvm = await intravisor.create(spec)
+    result = await intravisor.invoke(cvm, Invocation())
+    assert result.outcome == "crashed" and "wrong cap key nothere" in result.error["message"]
+    assert not processes_under(board.root)

@@ -1,4 +1,5 @@
-"""Intravisor configurations: golden output, every rule of its parser, and refusals that say which rule.
+"""Intravisor configurations: golden output, every rule of its parser, and refusals that say which rule,
+also for the CAP_Files a deployment declares.
 
 The generated text is also read back with the stand-in monitor's port of Intravisor's parser, and
 that port is checked on configurations from Intravisor's own examples, so a parser too lenient to
@@ -6,11 +7,16 @@ catch a mistake would show up here.
 """
 from __future__ import annotations
 
+import base64
 import re
+from pathlib import Path
 
 import pytest
 
 from capfaas.backends.morello.cvm_yaml import CVM, CapFile, IntravisorConfigError, render
+from capfaas.backends.morello.declared import CapFilesUnsupported, capfiles_for
+from capfaas.core.spec import FunctionSpec, SpecError
+from capfaas.registry import DeploymentRecord
 
 from .fake_intravisor import Spin, YamlError, consume, events, strtol
 
@@ -186,3 +192,61 @@ def test_capfiles_and_cvms_in_one_mapping_make_the_parser_spin() -> None:
 def test_a_key_after_cvms_fails() -> None:
     with pytest.raises(YamlError, match="Unexpected event"):
         consume(events(GOLDEN + "capfiles:\n- name: late\n  size: 0x10\n"))
+
+
+# -- CAP_Files a deployment declares ---------------------------------------------------------------
+
+DECLARED_GOLDEN = """\
+---
+capfiles:
+- name: config
+  size: 0x40
+  data: "threshold=3\\nmode=\\"fast\\"\\n"
+- name: scratch
+  size: 0x100000
+
+""" + GOLDEN[GOLDEN.index("---\ncVMs:"):]
+"""The declarations below as the YAML's capfiles, before the same cVM as GOLDEN's."""
+
+
+def declaring(*capfiles: dict) -> FunctionSpec:
+    """The spec a deployment with these ``capFiles`` runs under, as the registry makes it."""
+    record = DeploymentRecord(name="configured", extra={"capFiles": list(capfiles)})
+    return record.spec(Path("/nonexistent"), {})
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_declared_capfiles_become_the_yaml_capfiles() -> None:
+    spec = declaring({"name": "config", "size": 64, "contents": b64(b'threshold=3\nmode="fast"\n'),
+                      "grants": {"configured": "rw"}},  # the function itself: what it has anyway
+                     {"name": "scratch", "size": 1 << 20})
+    text = render([agent_cvm()], capfiles_for(spec), max_size=SIZE)
+    assert text == DECLARED_GOLDEN
+    assert consume(events(text))[1] == [{"name": "config", "size": 64, "data": 'threshold=3\nmode="fast"\n'},
+                                        {"name": "scratch", "size": 1 << 20}]
+
+
+def test_no_declared_capfiles_no_capfiles_document() -> None:
+    assert capfiles_for(declaring()) == []
+
+
+@pytest.mark.parametrize(("capfiles", "expected"), [
+    ([{"name": "config", "size": 64, "grants": {"reader": "r", "writer": "rw"}}],
+     r"CAP_File 'config' is granted to 'reader', 'writer', but on Morello each cVM has its own monitor"),
+    ([{"name": "image", "size": 64, "contents": b64(b"\x89PNG\r\n\x1a\n\xff")}],
+     r"CAP_File 'image' has binary contents; a capfile's data is text"),
+    ([{"name": "nul", "size": 64, "contents": b64(b"a\0b")}], r"CAP_File 'nul': data must be text"),
+    ([{"name": "full", "size": 11, "contents": b64(b"threshold=3")}],
+     r"CAP_File 'full': 11 bytes of data do not fit 11 bytes with the terminating NUL"),
+    ([{"name": "configuration", "size": 64}], r"CAP_File name 'configuration' must be 1-9 of \[A-Za-z0-9_\]"),
+    ([{"name": "my.conf", "size": 64}], r"CAP_File name 'my.conf' must be 1-9 of \[A-Za-z0-9_\]"),
+    ([{"name": f"cf{i}", "size": 16} for i in range(11)], r"11 CAP_Files requested; Intravisor holds at most 10"),
+])
+def test_what_capfiles_cannot_express_is_refused_with_the_rule(capfiles: list[dict], expected: str) -> None:
+    with pytest.raises(CapFilesUnsupported, match=r"^function 'configured' declares CAP_Files that Intravisor's "
+                                                  r"capfiles cannot provide: .*" + expected) as caught:
+        capfiles_for(declaring(*capfiles))
+    assert isinstance(caught.value, SpecError)  # a deploy answers 400 with it

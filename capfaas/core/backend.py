@@ -99,6 +99,9 @@ class Backend(abc.ABC):
     priority: ClassVar[int]
     """Higher is more capable; ``auto`` picks the available backend with the highest."""
     description: ClassVar[str]
+    ready_timeout: float = 30.0
+    """Seconds from ``launch()`` returning until the cVM reports ``ready`` (it has imported the
+    function and run ``init()``). A backend whose cVMs import slowly sets its own."""
 
     @classmethod
     @abc.abstractmethod

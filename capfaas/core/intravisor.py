@@ -37,7 +37,6 @@ DEFAULT_SEGMENT_SIZE = 1024 * GiB
 """Address space, not memory: the segment is sparse, and a region costs only what its cVM touches."""
 DEFAULT_SHARED_BUDGET = 4 * GiB
 """Bytes that shared objects (payload buffers, CAP_Files) may hold together."""
-START_TIMEOUT = 30.0
 READ_ONLY = int(Perm.LOAD | Perm.GLOBAL)
 MAX_CALL_DEPTH = 8
 
@@ -183,12 +182,14 @@ class Intravisor:
         cvm = CVM(cvm_id, spec, region, ddc, pcc, process)
         cvm.on_call = lambda request: self._route_request(cvm, request)
         self.cvms[cvm_id] = cvm
+        timeout = self.backend.ready_timeout
         try:
-            async with asyncio.timeout(START_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 message = await cvm.receive()
         except (ChannelClosed, ProtocolViolation, asyncio.TimeoutError) as exc:
             how = await self.stop(cvm, "failed to start")
-            reason = "did not become ready in time" if isinstance(exc, asyncio.TimeoutError) else how
+            reason = (f"did not become ready within {timeout:g} s (ready_timeout of the {self.backend.name!r} "
+                      "backend)" if isinstance(exc, asyncio.TimeoutError) else how)
             raise CVMStartError(f"cVM for {spec.name!r} {reason}") from None
         if message.get("op") == "failed":
             await self.stop(cvm, "function failed to load")

@@ -1,10 +1,16 @@
-"""What a function is: its code bundle, its handler, and the limits its cVMs run under."""
+"""What a function is: its code bundle, its handler, the limits its cVMs run under, and the
+CAP_Files it declares."""
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from .capfiles import check_name as check_file_name
 
 NAME_PATTERN = re.compile(r"[-a-zA-Z_0-9.]+")
 SIGNATURES = ("native", "functions-framework", "lambda")
@@ -47,6 +53,18 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class DeclaredFile:
+    """A CAP_File a deployment declares (``capFiles``): the gateway creates it for its function on
+    backends with shared objects; on Morello it becomes a capfile of each cVM's monitor."""
+
+    name: str
+    size: int
+    contents: bytes = b""
+    grants: Mapping[str, bool] = field(default_factory=dict)
+    """Function name -> whether the grant is read-write."""
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
     """One deployable function: ``module`` (a ``.py`` file) inside the ``bundle`` directory."""
 
@@ -59,6 +77,8 @@ class FunctionSpec:
     secrets: Mapping[str, bytes] = field(default_factory=dict)
     network: bool = False
     limits: Limits = field(default_factory=Limits)
+    capfiles: tuple[DeclaredFile, ...] = ()
+    """The CAP_Files the deployment declares; a backend that cannot provide one refuses the spec."""
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -84,3 +104,38 @@ def check_name(name: str, what: str = "function name") -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (".", "..") or len(name) > 63:
         raise SpecError(f"{what} {name!r} is not valid: use 1-63 of [-a-zA-Z_0-9.], not '.' or '..'")
     return name
+
+
+def declared_files(value: Any, max_size: int | None = None) -> tuple[DeclaredFile, ...]:
+    """A deployment's ``capFiles`` (``[{"name", "size", "contents" (base64), "grants": {function:
+    "r" | "rw"}}]``), checked; SpecError says what is wrong. Here, beside the spec, so that a stored
+    deployment always becomes a spec; the gateway also bounds each size (``max_size``)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise SpecError("'capFiles' must be a list of {\"name\", \"size\", \"contents\", \"grants\"} objects")
+    declared: list[DeclaredFile] = []
+    for entry in value:
+        if not isinstance(entry, dict):
+            raise SpecError("each of 'capFiles' must be an object")
+        try:
+            name = check_file_name(entry.get("name"))
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
+        size = entry.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or (max_size and size > max_size):
+            bound = f"1 to {max_size}" if max_size else "a positive number of"
+            raise SpecError(f"CAP_File {name!r}: 'size' must be {bound} bytes, got {size!r}")
+        try:
+            contents = base64.b64decode(entry.get("contents") or "", validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            raise SpecError(f"CAP_File {name!r}: 'contents' is not valid base64") from None
+        if len(contents) > size:
+            raise SpecError(f"CAP_File {name!r}: {len(contents)} bytes of contents exceed its size {size}")
+        grants = entry.get("grants") or {}
+        if not isinstance(grants, dict) or not all(isinstance(k, str) and v in ("r", "rw") for k, v in grants.items()):
+            raise SpecError(f"CAP_File {name!r}: 'grants' must map function names to \"r\" or \"rw\"")
+        declared.append(DeclaredFile(name, size, contents, {k: v == "rw" for k, v in grants.items()}))
+    if len({d.name for d in declared}) != len(declared):
+        raise SpecError("'capFiles' names a CAP_File twice")
+    return tuple(declared)

@@ -191,7 +191,7 @@ def serve(args: argparse.Namespace, capture: OutputCapture) -> int:
                                                              "message": f"cannot unpack the function: {exc}"}}))
         return 72
     runtime = Runtime(channel, spec, region)  # type: ignore[arg-type]  # a socket that syncs and inlines
-    runtime.files = capfile.DeviceFiles()  # type: ignore[assignment]  # Intravisor's capfiles, not grants
+    runtime.files = capfile.DeviceFiles(declared=message["capfiles"])  # type: ignore[assignment]
     try:
         enter_libos(spec)
     except Exception as exc:  # a libOS that cannot confine the cVM must not run the function

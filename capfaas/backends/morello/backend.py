@@ -7,8 +7,9 @@ and process, which can be killed alone when its cVM times out or its monitor spi
 is fresh: there is no template to clone (``launch_template`` stays None).
 
 Inside the cVM, ``python -m capfaas.backends.morello.agent`` connects back over loopback, proves
-itself with the one-time token from its YAML, receives its function (spec and bundle) and runs
-the same runtime as every backend. See docs/morello.md for what is and is not verified.
+itself with the one-time token from its YAML, receives its function (spec, bundle and the names of
+its capfiles) and runs the same runtime as every backend. See docs/morello.md for what is and is
+not verified.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from capfaas.core.spec import FunctionSpec
 from . import cvm_yaml
 from .channel import Connection, ControlListener, InliningWriter, WatchedReader
 from .config import ConfigError, MorelloConfig, load_config
+from .declared import capfiles_for
 from .detect import HostFacts, failed_check, failed_host_check, read_host
 from .monitor import MonitorProcess
 from .staging import StagingMemory
@@ -38,7 +40,8 @@ AGENT_MODULE = "capfaas.backends.morello.agent"
 STAGING_BASE = 0x1000_0000_0000
 MAX_BUNDLE = 256 << 20
 PRIMITIVES: Mapping[str, str] = {
-    "cap_files": "native: Intravisor capfiles, /cap/cf1 and /cap/cf2 in each cVM (declared at start-up)",
+    "cap_files": "native: Intravisor capfiles a deployment declares, one set per cVM's monitor, opened "
+                 "through /cap/cf1 and /cap/cf2",
     "cap_streams": "mediated: Intravisor's CAP_Streams return path is unfinished on Morello, so data "
                    "goes through the intravisor over the control channel (copied)",
     "cap_calls": "mediated: Intravisor's CAP_Calls return path is unfinished on Morello, so calls go "
@@ -159,6 +162,12 @@ class MorelloBackend(Backend):
                 raise BackendError(str(exc)) from None
         return self._config
 
+    @property
+    def ready_timeout(self) -> float:  # type: ignore[override]  # configured, not fixed
+        """The function's import runs inside the cVM, after LKL and Python started there: ``[morello]
+        ready_timeout``, not the emulated backend's 30 s."""
+        return self.config.ready_timeout
+
     async def start(self, segment_size: int) -> Any:
         config = self.config
         problem = failed_check(self._host if self._host is not None else read_host(), config)
@@ -179,6 +188,7 @@ class MorelloBackend(Backend):
         except TypeError:
             raise cvm_yaml.IntravisorConfigError("each CAP_File in settings['capfiles'] must be a mapping of "
                                                  "name, size and optionally data") from None
+        capfiles += capfiles_for(request.spec)  # CapFilesUnsupported (a SpecError): a deploy's 400
         bundle = await asyncio.to_thread(pack_bundle, request.spec.bundle)
         failures: list[str] = []
         for attempt in range(1, config.start_attempts + 1):
@@ -233,7 +243,7 @@ class MorelloBackend(Backend):
             if not config.keep_runs:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        return self._attach(monitor, connection, request, bundle)
+        return self._attach(monitor, connection, request, bundle, [capfile.name for capfile in capfiles])
 
     async def _await_agent(self, monitor: MonitorProcess, connected: asyncio.Future[Connection],
                            request: LaunchRequest) -> Connection:
@@ -258,7 +268,7 @@ class MorelloBackend(Backend):
         raise MonitorStartError(f"{why}; {stage}; {monitor.last_words()} (log: {monitor.run_dir / 'monitor.log'})")
 
     def _attach(self, monitor: MonitorProcess, connection: Connection, request: LaunchRequest,
-                bundle: bytes) -> MorelloProcess:
+                bundle: bytes, capfiles: list[str]) -> MorelloProcess:
         assert self.memory is not None and monitor.console_fds is not None
         writer = InliningWriter(connection.writer, self.memory)
         monitor.on_sync = lambda seq: writer.send_control({"op": "console-synced", "seq": seq})
@@ -267,7 +277,7 @@ class MorelloBackend(Backend):
         region = request.region
         writer.send_control({"op": "spec", "spec": spec_to_wire(request.spec), "bundle": bundle,
                              "region": {"base": region.base, "size": region.size, "offset": region.offset},
-                             "ddc": request.ddc})
+                             "ddc": request.ddc, "capfiles": capfiles})
         console = Console(*monitor.console_fds, request.spec.limits.output)
         process = MorelloProcess(self, monitor, connection, writer, console, request)
         self.processes.add(process)

@@ -16,7 +16,7 @@ import fcntl
 import io
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 IOCTL_CF_SET_CAP = 0x4004E200
@@ -48,20 +48,26 @@ def open_capfile(name: str, device: str = DEVICES[0], *,
 class DeviceFiles:
     """``context.files`` (and ``open('/cap/NAME')``) inside a cVM on Morello.
 
-    The CAP_Files a cVM can reach are those its monitor's YAML declared, opened through the two
-    CAP_File devices, so at most two are open at once. Creating, granting and deleting CAP_Files
-    while functions run is not something Intravisor's capfiles offer: those refuse plainly."""
+    The CAP_Files a cVM can reach are those its monitor's YAML declared (``declared``), opened
+    through the two CAP_File devices, so at most two are open at once. Any other name is refused
+    here, since probing a name the monitor does not hold makes it spin. Creating, granting and
+    deleting CAP_Files while functions run is not something Intravisor's capfiles offer: those
+    refuse plainly."""
 
     UNSUPPORTED = ("on Morello, CAP_Files are declared when the cVM starts and shared through "
                    "Intravisor's capfiles; creating, granting or deleting them at run time is not provided")
 
-    def __init__(self, opener: Callable[[str, str], io.FileIO] = open_capfile) -> None:
+    def __init__(self, opener: Callable[[str, str], io.FileIO] = open_capfile, declared: Collection[str] = ()) -> None:
         self._open = opener
+        self._declared = frozenset(declared)
         self._devices: dict[str, io.FileIO] = {}
 
     def open(self, name: str, mode: str = "rb") -> io.FileIO:
         """The declared CAP_File ``name`` through a free CAP_File device (any mode: the device is
         read-write, and the capability the monitor holds decides what a store may do)."""
+        if name not in self._declared:
+            known = ", ".join(sorted(self._declared)) or "none"
+            raise FileNotFoundError(f"no CAP_File named {name!r} is declared for this cVM (declared: {known})")
         for device in DEVICES:
             held = self._devices.get(device)
             if held is None or held.closed:

@@ -50,6 +50,9 @@ class MorelloConfig:
     """Loopback address the agents connect back to through Intravisor's host-socket hostcalls."""
     start_timeout: float = 120.0
     """Seconds from starting a monitor until its agent has connected (LKL boot plus Python start)."""
+    ready_timeout: float = 120.0
+    """Seconds from the agent's connection until its cVM is ready: unpacking the bundle, entering the
+    library OS, importing the function and running its ``init()``, all inside the cVM."""
     spin_grace: float = 5.0
     """Seconds a monitor may keep running after its cVM ended before it is taken as spinning."""
     start_attempts: int = 2
@@ -66,7 +69,7 @@ class MorelloConfig:
         if self.cvm_base <= 0 or self.cvm_base % size:
             raise ConfigError(f"{self.source}: cvm_base {self.cvm_base:#x} must be a positive multiple of "
                               f"max_cvm_size {size:#x} (Intravisor numbers cVMs by base / CVM_MAX_SIZE)")
-        for name in ("start_timeout", "spin_grace"):
+        for name in ("start_timeout", "ready_timeout", "spin_grace"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{self.source}: {name} must be a positive number of seconds")
         if self.start_attempts < 1:
@@ -108,7 +111,7 @@ def from_mapping(section: Mapping[str, Any], source: str, base: Path | None = No
                 raise ConfigError(f"{source}: {key} must be a path")
             path = Path(value).expanduser()
             values[key] = str(base / path if base is not None and not path.is_absolute() else path)
-        elif key in ("start_timeout", "spin_grace"):
+        elif key in ("start_timeout", "ready_timeout", "spin_grace"):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ConfigError(f"{source}: {key} must be a number of seconds, got {value!r}")
             values[key] = float(value)
