@@ -85,6 +85,8 @@ async def test_a_deployment_declares_capfiles_its_cvms_open(gateway: tuple[Gatew
     assert (await deploy(client, "configured", READS_CONFIG, capFiles=declared))[0] == 202
     response = await client.post("/function/configured")
     assert (response.status, await response.text()) == (200, "threshold=3\n")
+    listed = await (await client.get("/system/files", headers=AUTH)).json()
+    assert listed == [], "the gateway made a shared object no cVM on Morello can reach"
 
 
 @pytest.mark.parametrize(("declared", "reason"), [

@@ -99,6 +99,9 @@ class Backend(abc.ABC):
     priority: ClassVar[int]
     """Higher is more capable; ``auto`` picks the available backend with the highest."""
     description: ClassVar[str]
+    shares_objects: ClassVar[bool] = False
+    """Whether its cVMs map the intravisor's shared objects (buffers, CAP_Files made by the gateway
+    or at run time); a backend that cannot gets payloads copied, and provides CAP_Files its own way."""
     ready_timeout: float = 30.0
     """Seconds from ``launch()`` returning until the cVM reports ``ready`` (it has imported the
     function and run ``init()``). A backend whose cVMs import slowly sets its own."""

@@ -131,7 +131,9 @@ class FunctionService:
             scaling = replace(scaling, min=min(warm, scaling.max))
         broker = self.intravisor.broker
         try:
-            create_declared(broker, info.name, declared_files(info.record.extra.get("capFiles"), broker.max_file_size))
+            if self.intravisor.backend.shares_objects:  # else the backend makes them for each cVM (Morello)
+                create_declared(broker, info.name, declared_files(info.record.extra.get("capFiles"),
+                                                                  broker.max_file_size))
         except InvalidInput as exc:  # checked before the deploy was committed; a restart may still clash
             log.warning("function %s: its CAP_Files were not created: %s", info.name, exc)
         pool = self._make_pool(self.intravisor, spec, scaling)

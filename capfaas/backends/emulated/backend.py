@@ -266,6 +266,7 @@ class EmulatedTemplate(TemplateProcess):
 class EmulatedBackend(Backend):
     name = "emulated"
     priority = 10
+    shares_objects = True
     description = "software Morello capabilities: a shared memfd segment, one process per cVM"
 
     @classmethod
