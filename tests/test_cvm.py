@@ -243,3 +243,30 @@ async def test_template_survives_and_reports_exits(intravisor: Intravisor, tmp_p
     assert result.status == 502 and "killed by SIGKILL" in result.error["message"]
     again = await intravisor.create(write_function(tmp_path, "healthy2", HEALTHY))
     await assert_still_serving(intravisor, again)
+
+
+async def test_the_intravisor_busy_waits_only_for_quick_replies(intravisor: Intravisor, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alone, it waits for a reply without sleeping, as long as the cVM last answered within
+    REPLY_SPIN; a slow function is waited for on the event loop, its CPU not burnt."""
+    import capfaas.core.intravisor as intravisor_module
+
+    monkeypatch.setattr(intravisor_module, "REPLY_SPIN", 0.005)  # wide: the test must not hang on timing
+    quick = await intravisor.create(write_function(tmp_path, "quick", HEALTHY))
+    slow = await intravisor.create(write_function(tmp_path, "slow", """
+        import time
+        def handle(event, context):
+            time.sleep(0.05)
+            return "still serving " + event.text
+    """))
+    assert quick.process.await_reply(0.001) is False  # nothing was sent: it gives up after its budget
+    for cvm in (quick, slow):
+        await assert_still_serving(intravisor, cvm)
+    spun: list[int | None] = []
+    process_type = type(quick.process)
+    waited = process_type.await_reply
+    monkeypatch.setattr(process_type, "await_reply", lambda self, seconds: spun.append(self.pid) or waited(self, seconds))
+    for cvm in (slow, slow, quick, quick):
+        await assert_still_serving(intravisor, cvm)
+    assert spun.count(slow.process.pid) == 0 and quick.process.pid in spun
+    assert slow.reply_seconds > 0.05

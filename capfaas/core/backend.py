@@ -61,6 +61,13 @@ class CVMProcess(abc.ABC):
     """Where descriptors of shared objects granted to the cVM go; None where the backend cannot
     pass them (each payload is then copied into the cVM's region)."""
 
+    def await_reply(self, seconds: float) -> bool:
+        """Busy-wait up to ``seconds`` until the cVM's next message can be read, without yielding
+        to the event loop; whether it can. A reply that comes within microseconds is then read
+        without the intravisor's process going to sleep and being woken. A backend that cannot
+        tell returns False at once."""
+        return False
+
     @abc.abstractmethod
     def kill(self) -> None:
         """Stop the cVM at once (timeouts, crashes, shutdown)."""

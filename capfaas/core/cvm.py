@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,8 @@ class CVM:
     """Whether an invocation's timeout fired and killed this cVM."""
     fault: str = ""
     """Why the intravisor stopped this cVM for breaking a capability rule, if it did."""
+    reply_seconds: float = 0.0
+    """How long the cVM took to answer its last invocation (one at a time)."""
     in_flight: int = 0
     """Invocations handed to this cVM and not yet released by whoever acquired it (the pool's count)."""
     busy: int = 0
@@ -97,14 +100,19 @@ class CVM:
         if writer.transport.get_write_buffer_size():  # not all sent at once: wait until it drains
             await writer.drain()
 
-    async def exchange(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Send an invocation and wait for its reply. One at a time, replies come back in order;
-        a cVM serving several at once gets one reader that hands each reply to its caller by id."""
+    async def exchange(self, message: dict[str, Any], spin: float = 0.0) -> dict[str, Any]:
+        """Send an invocation and wait for its reply. One at a time, replies come back in order
+        (``spin``: seconds to busy-wait for a quick one first); a cVM serving several at once gets
+        one reader that hands each reply to its caller by id."""
         if self.spec.limits.concurrency == 1:
             await self.send(message)
+            sent = time.perf_counter()
+            if spin:
+                self.process.await_reply(spin)
             while True:
                 reply = await self.receive()
                 if not is_request(reply):
+                    self.reply_seconds = time.perf_counter() - sent
                     return reply
                 self._answer(reply)
         waiter = asyncio.get_running_loop().create_future()

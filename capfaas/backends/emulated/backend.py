@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +37,8 @@ class EmulatedProcess(CVMProcess):
         self.grant_channel = grant_channel
         self.control: socket.socket | None = None
         """The control channel's socket itself (a spare clone's region is sent on it with its fd)."""
+        self._readable = select.poll()
+        self._readable.register(writer.transport.get_extra_info("socket").fileno(), select.POLLIN)
         self._ended = ended
         try:
             self._pidfd: int | None = os.pidfd_open(pid)
@@ -44,6 +48,13 @@ class EmulatedProcess(CVMProcess):
     @property
     def exited(self) -> bool:
         return self._ended.done()
+
+    def await_reply(self, seconds: float) -> bool:
+        deadline = time.perf_counter() + seconds
+        while not self._readable.poll(0):
+            if time.perf_counter() >= deadline:
+                return False
+        return True
 
     def kill(self) -> None:
         if self._pidfd is not None:
