@@ -231,7 +231,9 @@ def run_spare(handoff: socket.socket, spec: FunctionSpec, module: Any, handler: 
     wait for a region and become an instance.
 
     While it waits, it runs the invocation path once on a no-op handler, so the pages that path
-    writes (reference counts, caches) are copied from the template now, not on the first request."""
+    writes (reference counts, caches) are copied from the template now, not on the first request.
+    Unless the function has an ``after_restore()`` hook (which runs when the clone is taken), it
+    also starts its runtime and reports ready at once: a cold start then only maps the region."""
     libos.seal()
     libos.runtime_mapping(lambda: _rehearse_start(spec))
     data, fds, _, _ = socket.recv_fds(handoff, 16, 4)
@@ -240,7 +242,19 @@ def run_spare(handoff: socket.socket, spec: FunctionSpec, module: Any, handler: 
         return 0  # the template went away before needing this clone
     control_fd, stdout_fd, stderr_fd, grant_fd = fds
     attach_console(stdout_fd, stderr_fd)
-    return run_instance(control_fd, spec, module, handler, libos, space, grant_fd=grant_fd)
+    if callable(getattr(module, "after_restore", None)):
+        return run_instance(control_fd, spec, module, handler, libos, space, grant_fd=grant_fd)
+    control = socket.socket(fileno=control_fd)
+    random.seed(os.urandom(32))  # no two instances share the template's random state
+    runtime = Runtime(control, spec, Region(None, None, 0), Grants(socket.socket(fileno=grant_fd), space))
+    if runtime.start(lambda _: handler) is None:
+        return 3
+    region = _receive_region(control, libos.runtime_mapping, 1)
+    if region is None:
+        return 72
+    runtime.region = region
+    runtime.serve()
+    return 0
 
 
 def _rehearse_start(spec: FunctionSpec) -> None:
@@ -288,17 +302,13 @@ def run_instance(control_fd: int, spec: FunctionSpec, module: Any, handler: Any,
     given), alone."""
     control = socket.socket(fileno=control_fd)
     spare = grant_fd is not None
-    data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1 if spare else 4)
-    launch = _one_message(data)
-    if launch.get("op") != "region" or len(fds) != (1 if spare else 4):
+    attached: list[int] = []
+    region = _receive_region(control, libos.runtime_mapping if spare else libos.seal, 1 if spare else 4, attached)
+    if region is None:
         return 72
     if not spare:
-        attach_console(fds[1], fds[2])
-        grant_fd = fds[3]
-    mapped: list[Region] = []
-    prepare = lambda: mapped.append(map_region(launch, fds[0], control_fd))  # noqa: E731
-    libos.runtime_mapping(prepare) if spare else libos.seal(prepare)
-    region = mapped[0]
+        attach_console(attached[0], attached[1])
+        grant_fd = attached[2]
     random.seed(os.urandom(32))  # no two instances share the template's random state
     runtime = Runtime(control, spec, region, Grants(socket.socket(fileno=grant_fd), space))
 
@@ -312,6 +322,22 @@ def run_instance(control_fd: int, spec: FunctionSpec, module: Any, handler: Any,
         return 3
     runtime.serve()
     return 0
+
+
+def _receive_region(control: socket.socket, mapping: Callable[[Callable[[], object]], None], descriptors: int,
+                    attached: list[int] | None = None) -> Region | None:
+    """Wait for this instance's region (the segment's descriptor first, then ``descriptors`` - 1
+    more, put in ``attached``) and map it inside ``mapping`` (the library OS's); None if what came
+    is not a region."""
+    data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, descriptors)
+    launch = _one_message(data)
+    if launch.get("op") != "region" or len(fds) != descriptors:
+        return None
+    if attached is not None:
+        attached.extend(fds[1:])
+    mapped: list[Region] = []
+    mapping(lambda: mapped.append(map_region(launch, fds[0], control.fileno())))
+    return mapped[0]
 
 
 def _one_message(data: bytes) -> dict[str, Any]:
