@@ -823,6 +823,27 @@ async def test_the_warm_count_survives_a_restart(tmp_path: Path) -> None:
         assert gateway.service.registry.warm("echo") is None
 
 
+async def test_a_crashed_instance_is_replaced_to_keep_the_minimum_warm(tmp_path: Path) -> None:
+    crashy = "import os\ndef handle(event, context):\n    if event.text == 'die':\n        os._exit(1)\n    return 'ok'\n"
+    async with running_gateway(tmp_path / "state") as (gateway, client):
+        await deploy(client, "crashy", crashy, labels={"com.openfaas.scale.min": "1"})
+        pool = gateway.service.live["crashy"].pool
+        for _ in range(100):
+            if pool.replicas == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert pool.replicas == 1
+        assert (await client.post("/function/crashy", data=b"die")).status == 502
+        assert pool.replicas == 0
+        for _ in range(100):  # the reaper looks once a second
+            if pool.replicas == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert pool.replicas == 1 and pool.cold_starts == 2
+        response = await client.post("/function/crashy", data=b"live")
+        assert (response.status, response.headers["X-Cold-Start"]) == (200, "0")
+
+
 async def test_the_streaming_and_cap_file_examples(tmp_path: Path) -> None:
     async with running_gateway(tmp_path / "state") as (_, client):
         for name in ("ticker", "notes", "wordcount"):

@@ -95,12 +95,15 @@ class FunctionService:
         self._lock = asyncio.Lock()
         self._make_pool = pm.hook.capfaas_pool_factory()
         self._reaper: asyncio.Task[None] | None = None
+        self._warming: dict[Any, asyncio.Task[None]] = {}
+        """Per pool, the background start of its minimum of warm instances, while it runs."""
         self.on_output: Callable[[str, str, bytes], None] | None = None
         """Receives (function, invocation id, output) of invocations made by other functions."""
         intravisor.router = self.call
 
     def start_reaper(self) -> None:
-        """Scale idle instances down (to zero) in the background, once a second."""
+        """Once a second, in the background: scale idle instances down (to zero), and start
+        instances back up to each function's minimum (after a crash, a recycle, a failed start)."""
         self._reaper = asyncio.ensure_future(self._reap())
 
     async def _reap(self) -> None:
@@ -109,6 +112,21 @@ class FunctionService:
             now = time.monotonic()
             for deployed in list(self.live.values()):
                 await deployed.pool.reap_idle(now)
+                if deployed.pool.replicas < deployed.pool.scaling.min:
+                    self._keep_warm(deployed)
+
+    def _keep_warm(self, deployed: Deployed) -> None:
+        """Start ``deployed``'s minimum of instances in the background, unless that is under way."""
+        pool = deployed.pool
+        running = self._warming.get(pool)
+        if running is not None and not running.done():
+            return
+        task = self._warming[pool] = asyncio.ensure_future(self._warm_up(deployed))
+
+        def forget(_: asyncio.Task[None]) -> None:
+            if self._warming.get(pool) is task:
+                del self._warming[pool]
+        task.add_done_callback(forget)
 
     async def restore(self) -> None:
         """Serve every function the registry holds, as it was before a restart or crash."""
@@ -142,7 +160,7 @@ class FunctionService:
         self.live[info.name] = deployed
         if previous is not None:
             await previous.pool.close()
-        asyncio.ensure_future(self._warm_up(deployed))
+        self._keep_warm(deployed)
         return deployed
 
     async def _warm_up(self, deployed: Deployed) -> None:
@@ -150,8 +168,9 @@ class FunctionService:
         try:
             await deployed.pool.prepare()
             await deployed.pool.scale_to(deployed.pool.scaling.min)
-        except Exception:  # the cVM hooks saw why; the next request retries the start
-            return
+        except Exception as exc:  # the next request retries the start
+            log.warning("function %s: warming up %d instances failed: %s: %s", deployed.spec.name,
+                        deployed.pool.scaling.min, type(exc).__name__, exc)
 
     async def validate(self, record: DeploymentRecord, files: Mapping[str, bytes], max_bundle_bytes: int) -> None:
         """Load the code in a fresh cVM; a FunctionLoadError says what is wrong and where."""
@@ -233,6 +252,8 @@ class FunctionService:
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
+        for task in self._warming.values():
+            task.cancel()
         for deployed in self.live.values():
             await deployed.pool.close()
         self.live.clear()
