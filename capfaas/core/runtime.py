@@ -293,7 +293,7 @@ class Runtime:
         self._lengths[cap] = length
         return cap
 
-    def _length_of(self, body: Capability | SharedBuffer) -> tuple[Capability, int]:
+    def _sized(self, body: Capability | SharedBuffer) -> tuple[Capability, int]:
         """A payload as a read-only capability and its length: the exact one when this cVM made or
         was handed it, else (capability-aware code's own bounds) the bytes from address to top."""
         if isinstance(body, SharedBuffer):
@@ -377,7 +377,7 @@ class Runtime:
             else:
                 data = self.share(data)  # into shared memory once; the callee maps it there
         if isinstance(data, (Capability, SharedBuffer)):
-            data, length = self._length_of(data)
+            data, length = self._sized(data)
             message.update(body=data, length=length)
         else:
             message["body"] = bytes(data)
@@ -552,7 +552,7 @@ class Runtime:
         """A result as the reply carries it. For a calling function, a large one goes into a shared
         object, which the intravisor grants to the caller as it is."""
         if isinstance(body, (Capability, SharedBuffer)):
-            body, length = self._length_of(body)
+            body, length = self._sized(body)
             return {"body": body, "length": length}
         if inline or len(body) <= INLINE_LIMIT:
             return {"body": bytes(body)}
