@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import re
 import socket
@@ -842,6 +843,24 @@ async def test_a_crashed_instance_is_replaced_to_keep_the_minimum_warm(tmp_path:
         assert pool.replicas == 1 and pool.cold_starts == 2
         response = await client.post("/function/crashy", data=b"live")
         assert (response.status, response.headers["X-Cold-Start"]) == (200, "0")
+
+
+async def test_a_warm_up_that_keeps_failing_is_retried_and_logged_once(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    async with running_gateway(tmp_path / "state") as (gateway, client):
+        await deploy(client, "steady", "def handle(event, context):\n    return 'ok'\n")
+        pool = gateway.service.live["steady"].pool
+        attempts = []
+
+        async def failing_start() -> None:
+            attempts.append(time.monotonic())
+            raise RuntimeError("no room for steady")
+        pool.prepare = failing_start  # as a template that cannot start
+        pool.scaling = dataclasses.replace(pool.scaling, min=1)
+        while len(attempts) < 3:  # the reaper tries once a second
+            await asyncio.sleep(0.05)
+        failures = [r.getMessage() for r in caplog.records if "warming up" in r.getMessage()]
+        assert failures == ["function steady: warming up 1 instances failed: RuntimeError: no room for steady"]
 
 
 async def test_the_streaming_and_cap_file_examples(tmp_path: Path) -> None:

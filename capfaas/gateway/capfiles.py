@@ -8,6 +8,7 @@ that provides CAP_Files its own way (Morello's capfiles) sees them when it start
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from capfaas.core.broker import Broker, FileError
@@ -23,7 +24,7 @@ def declared_files(value: Any, max_size: int) -> list[DeclaredFile]:
         raise InvalidInput(str(exc)) from None
 
 
-def create_declared(broker: Broker, owner: str, declared: list[DeclaredFile]) -> None:
+def create_declared(broker: Broker, owner: str, declared: Iterable[DeclaredFile]) -> None:
     """Create what is missing and apply the grants; a name another function owns is refused."""
     for entry in declared:
         existing = broker.files.get(entry.name)

@@ -10,6 +10,7 @@ import logging
 import shutil
 import time
 import tempfile
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -97,6 +98,8 @@ class FunctionService:
         self._reaper: asyncio.Task[None] | None = None
         self._warming: dict[Any, asyncio.Task[None]] = {}
         """Per pool, the background start of its minimum of warm instances, while it runs."""
+        self._warm_failures: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        """Per pool, why its last warm-up failed: the reaper retries each second, the log says it once."""
         self.on_output: Callable[[str, str, bytes], None] | None = None
         """Receives (function, invocation id, output) of invocations made by other functions."""
         intravisor.router = self.call
@@ -150,8 +153,7 @@ class FunctionService:
         broker = self.intravisor.broker
         try:
             if self.intravisor.backend.shares_objects:  # else the backend makes them for each cVM (Morello)
-                create_declared(broker, info.name, declared_files(info.record.extra.get("capFiles"),
-                                                                  broker.max_file_size))
+                create_declared(broker, info.name, spec.capfiles)
         except InvalidInput as exc:  # checked before the deploy was committed; a restart may still clash
             log.warning("function %s: its CAP_Files were not created: %s", info.name, exc)
         pool = self._make_pool(self.intravisor, spec, scaling)
@@ -168,9 +170,14 @@ class FunctionService:
         try:
             await deployed.pool.prepare()
             await deployed.pool.scale_to(deployed.pool.scaling.min)
-        except Exception as exc:  # the next request retries the start
-            log.warning("function %s: warming up %d instances failed: %s: %s", deployed.spec.name,
-                        deployed.pool.scaling.min, type(exc).__name__, exc)
+        except Exception as exc:  # the reaper tries again, and so does the next request
+            why = f"{type(exc).__name__}: {exc}"
+            if self._warm_failures.get(deployed.pool) != why:
+                self._warm_failures[deployed.pool] = why
+                log.warning("function %s: warming up %d instances failed: %s", deployed.spec.name,
+                            deployed.pool.scaling.min, why)
+        else:
+            self._warm_failures.pop(deployed.pool, None)
 
     async def validate(self, record: DeploymentRecord, files: Mapping[str, bytes], max_bundle_bytes: int) -> None:
         """Load the code in a fresh cVM; a FunctionLoadError says what is wrong and where."""

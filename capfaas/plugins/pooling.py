@@ -87,9 +87,9 @@ class Budget:
     instances: int = 1000
     reserve: int = field(default_factory=_reserve)
     pools: weakref.WeakSet[FunctionPool] = field(default_factory=weakref.WeakSet)
-    _available: int = 0
+    _available: int = field(default=0, init=False)
     """Host memory available at the last reading, less the limits of instances started since."""
-    _read_at: float = float("-inf")
+    _read_at: float = field(default=float("-inf"), init=False)
 
     def fits(self, asking: FunctionPool) -> bool:
         count = sum(len(pool.instances) + pool.starting for pool in self.pools)

@@ -249,10 +249,10 @@ def run_spare(handoff: socket.socket, spec: FunctionSpec, module: Any, handler: 
     runtime = Runtime(control, spec, Region(None, None, 0), Grants(socket.socket(fileno=grant_fd), space))
     if runtime.start(lambda _: handler) is None:
         return 3
-    region = _receive_region(control, libos.runtime_mapping, 1)
-    if region is None:
+    received = _receive_region(control, libos.runtime_mapping, 1)
+    if received is None:
         return 72
-    runtime.region = region
+    runtime.region = received[0]
     runtime.serve()
     return 0
 
@@ -302,10 +302,10 @@ def run_instance(control_fd: int, spec: FunctionSpec, module: Any, handler: Any,
     given), alone."""
     control = socket.socket(fileno=control_fd)
     spare = grant_fd is not None
-    attached: list[int] = []
-    region = _receive_region(control, libos.runtime_mapping if spare else libos.seal, 1 if spare else 4, attached)
-    if region is None:
+    received = _receive_region(control, libos.runtime_mapping if spare else libos.seal, 1 if spare else 4)
+    if received is None:
         return 72
+    region, attached = received
     if not spare:
         attach_console(attached[0], attached[1])
         grant_fd = attached[2]
@@ -324,20 +324,17 @@ def run_instance(control_fd: int, spec: FunctionSpec, module: Any, handler: Any,
     return 0
 
 
-def _receive_region(control: socket.socket, mapping: Callable[[Callable[[], object]], None], descriptors: int,
-                    attached: list[int] | None = None) -> Region | None:
-    """Wait for this instance's region (the segment's descriptor first, then ``descriptors`` - 1
-    more, put in ``attached``) and map it inside ``mapping`` (the library OS's); None if what came
-    is not a region."""
+def _receive_region(control: socket.socket, mapping: Callable[[Callable[[], object]], None],
+                    descriptors: int) -> tuple[Region, list[int]] | None:
+    """Wait for this instance's region and map it inside ``mapping`` (the library OS's); the region
+    and the ``descriptors`` - 1 that came after the segment's, or None if what came is not a region."""
     data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, descriptors)
     launch = _one_message(data)
     if launch.get("op") != "region" or len(fds) != descriptors:
         return None
-    if attached is not None:
-        attached.extend(fds[1:])
     mapped: list[Region] = []
     mapping(lambda: mapped.append(map_region(launch, fds[0], control.fileno())))
-    return mapped[0]
+    return mapped[0], fds[1:]
 
 
 def _one_message(data: bytes) -> dict[str, Any]:
