@@ -259,13 +259,13 @@ async def test_the_intravisor_busy_waits_only_for_quick_replies(intravisor: Intr
             time.sleep(0.05)
             return "still serving " + event.text
     """))
-    assert quick.process.await_reply(0.001) is False  # nothing was sent: it gives up after its budget
+    assert quick.process.read_reply(0.001) is None  # nothing was sent: it gives up after its budget
     for cvm in (quick, slow):
         await assert_still_serving(intravisor, cvm)
     spun: list[int | None] = []
     process_type = type(quick.process)
-    waited = process_type.await_reply
-    monkeypatch.setattr(process_type, "await_reply", lambda self, seconds: spun.append(self.pid) or waited(self, seconds))
+    waited = process_type.read_reply
+    monkeypatch.setattr(process_type, "read_reply", lambda self, seconds: spun.append(self.pid) or waited(self, seconds))
     for cvm in (slow, slow, quick, quick):
         await assert_still_serving(intravisor, cvm)
     assert spun.count(slow.process.pid) == 0 and quick.process.pid in spun

@@ -61,12 +61,14 @@ class CVMProcess(abc.ABC):
     """Where descriptors of shared objects granted to the cVM go; None where the backend cannot
     pass them (each payload is then copied into the cVM's region)."""
 
-    def await_reply(self, seconds: float) -> bool:
-        """Busy-wait up to ``seconds`` until the cVM's next message can be read, without yielding
-        to the event loop; whether it can. A reply that comes within microseconds is then read
-        without the intravisor's process going to sleep and being woken. A backend that cannot
-        tell returns False at once."""
-        return False
+    def read_reply(self, seconds: float) -> bytes | memoryview | None:
+        """Busy-wait up to ``seconds`` for the cVM's next bytes without yielding to the event loop,
+        and read them straight from the channel: a reply that comes within microseconds then costs
+        the intravisor neither a sleep and a wake-up nor a trip through the event loop. None when
+        nothing came in time (or the backend cannot tell): await ``reader`` then. ``b""`` at end
+        of stream. A view is valid until the next call.
+        """
+        return None
 
     @abc.abstractmethod
     def kill(self) -> None:

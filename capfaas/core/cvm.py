@@ -15,6 +15,10 @@ from .channels import is_request
 from .spec import FunctionSpec
 
 
+_pack = wire.packer()
+"""The intravisor's encoder: every cVM's channel is written from the event loop's one thread."""
+
+
 class State(enum.Enum):
     STARTING = "starting"
     READY = "ready"
@@ -96,25 +100,45 @@ class CVM:
 
     async def send(self, message: dict[str, Any]) -> None:
         writer = self.process.writer
-        writer.write(wire.pack(message))
+        writer.write(_pack(message))
         if writer.transport.get_write_buffer_size():  # not all sent at once: wait until it drains
             await writer.drain()
 
-    async def exchange(self, message: dict[str, Any], spin: float = 0.0) -> dict[str, Any]:
-        """Send an invocation and wait for its reply. One at a time, replies come back in order
-        (``spin``: seconds to busy-wait for a quick one first); a cVM serving several at once gets
-        one reader that hands each reply to its caller by id."""
-        if self.spec.limits.concurrency == 1:
-            await self.send(message)
-            sent = time.perf_counter()
-            if spin:
-                self.process.await_reply(spin)
+    async def exchange(self, message: dict[str, Any], deadline: float, spin: float = 0.0) -> dict[str, Any]:
+        """Send an invocation and wait for its reply; at ``deadline`` (event loop time) the cVM is
+        killed. One at a time, replies come back in order (``spin``: seconds to busy-wait for a
+        quick one first, which then needs no timer); a cVM serving several at once gets one
+        reader that hands each reply to its caller by id."""
+        if self.spec.limits.concurrency > 1:
+            return await self._exchange_concurrently(message, asyncio.get_running_loop().call_at(deadline, self.expire))
+        writer = self.process.writer
+        writer.write(_pack(message))
+        sent = time.perf_counter()
+        early = None
+        if spin and not writer.transport.get_write_buffer_size():
+            data = self.process.read_reply(spin)
+            if data is not None:
+                self._feed(data)
+                early = self._next_message()
+                if early is not None and not is_request(early):
+                    self.reply_seconds = time.perf_counter() - sent
+                    return early
+        expiry = asyncio.get_running_loop().call_at(deadline, self.expire)
+        try:
+            if writer.transport.get_write_buffer_size():  # not all sent at once: wait until it drains
+                await writer.drain()
+            if early is not None:
+                self._answer(early)
             while True:
                 reply = await self.receive()
                 if not is_request(reply):
                     self.reply_seconds = time.perf_counter() - sent
                     return reply
                 self._answer(reply)
+        finally:
+            expiry.cancel()
+
+    async def _exchange_concurrently(self, message: dict[str, Any], expiry: asyncio.TimerHandle) -> dict[str, Any]:
         waiter = asyncio.get_running_loop().create_future()
         self._pending[message["id"]] = waiter
         if self._reader is None:
@@ -124,6 +148,14 @@ class CVM:
             return await waiter
         finally:
             self._pending.pop(message["id"], None)
+            expiry.cancel()
+
+    def expire(self) -> None:
+        """An invocation outlived its timeout: kill the cVM from outside (it may be looping in C
+        code with signals blocked); the invocation sees its channel close and reports the timeout."""
+        if self.state is not State.STOPPED:
+            self.expired = True
+            self.process.kill()
 
     def _answer(self, call: dict[str, Any]) -> None:
         """Serve a request (a call to another function, a buffer, a CAP_File, a stream) while this
@@ -161,17 +193,26 @@ class CVM:
     async def receive(self) -> dict[str, Any]:
         """The next message from the cVM; ChannelClosed at end of stream."""
         while True:
-            try:
-                for message in self._unpacker:
-                    if not isinstance(message, dict):
-                        raise ProtocolViolation("a control message must be a map")
-                    return message
-            except ValueError as exc:  # msgpack's BufferFull, malformed ext types, bad data
-                raise ProtocolViolation(f"malformed control message: {exc}") from None
-            data = await self.process.reader.read(1 << 20)
-            if not data:
-                raise ChannelClosed()
-            try:
-                self._unpacker.feed(data)
-            except ValueError as exc:
-                raise ProtocolViolation(f"control message too large: {exc}") from None
+            message = self._next_message()
+            if message is not None:
+                return message
+            self._feed(await self.process.reader.read(1 << 20))
+
+    def _next_message(self) -> dict[str, Any] | None:
+        """The next message already received whole, if any."""
+        try:
+            for message in self._unpacker:
+                if not isinstance(message, dict):
+                    raise ProtocolViolation("a control message must be a map")
+                return message
+        except ValueError as exc:  # msgpack's BufferFull, malformed ext types, bad data
+            raise ProtocolViolation(f"malformed control message: {exc}") from None
+        return None
+
+    def _feed(self, data: bytes | memoryview) -> None:
+        if not data:
+            raise ChannelClosed()
+        try:
+            self._unpacker.feed(data)
+        except ValueError as exc:
+            raise ProtocolViolation(f"control message too large: {exc}") from None

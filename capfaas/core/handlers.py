@@ -71,6 +71,8 @@ class Context:
     """What carries ``call``/``acall`` to the intravisor (the runtime)."""
     files: Any = field(repr=False, default=None)
     """CAP_Files: ``create``, ``open``, ``grant``, ``delete``, ``list`` (also ``open('/cap/NAME')``)."""
+    chain: tuple[str, ...] = ()
+    """The functions that called their way to this invocation, outermost first (empty over HTTP)."""
 
     def buffer(self, size: int) -> SharedBuffer:
         """A writable buffer of ``size`` bytes in shared memory, for this invocation: fill
@@ -222,6 +224,8 @@ def _body_and_type(body: Any, capability_type: type) -> tuple[Any, str | None]:
 
 def normalise(result: Any, capability_type: type) -> Response:
     """Turn a native handler's return value into a ``Response``."""
+    if result is None:
+        return Response(200, {}, b"")
     if isinstance(result, Mapping) and ("statusCode" in result or "body" in result):
         body, content_type = _body_and_type(result.get("body"), capability_type)
         headers = {str(k): str(v) for k, v in (result.get("headers") or {}).items()}

@@ -278,14 +278,6 @@ class Intravisor:
             reply.update(status=400, error={"type": kind, "message": str(exc)})
         return reply
 
-    @staticmethod
-    def _expire(cvm: CVM) -> None:
-        """An invocation outlived its timeout: kill the cVM from outside (it may be looping in C
-        code with signals blocked); the invocation sees its channel close and reports the timeout."""
-        if cvm.state is not State.STOPPED:
-            cvm.expired = True
-            cvm.process.kill()
-
     # -- invoking ------------------------------------------------------------------------------
 
     async def invoke(self, cvm: CVM, invocation: Invocation, timeout: float | None = None) -> Result:
@@ -304,13 +296,11 @@ class Intravisor:
         timeout = cvm.spec.limits.timeout if timeout is None else min(timeout, cvm.spec.limits.timeout)
         if self._invoke_hooks:
             self.pm.hook.capfaas_before_invoke(spec=cvm.spec, invocation_id=invocation.id)
-        loop = asyncio.get_running_loop()
-        expiry = loop.call_at(loop.time() + timeout, self._expire, cvm)  # a bare timer: cheaper than asyncio.timeout
         self._running += 1
         try:
             message = self._invoke_message(cvm, invocation, time.time() + timeout)
             quick = self._running == 1 and cvm.reply_seconds < REPLY_SPIN
-            reply = await cvm.exchange(message, REPLY_SPIN if quick else 0.0)
+            reply = await cvm.exchange(message, started + timeout, REPLY_SPIN if quick else 0.0)  # the loop's clock
             result = self._result(cvm, reply)
             if result.stream is not None:  # the body follows through a CAP_Stream: the cVM stays busy
                 result.stream = OutputStream(self, cvm, *result.stream, started + timeout, top_level)
@@ -343,7 +333,6 @@ class Intravisor:
             result = _failure(502, "fault", type(exc).__name__,
                               f"function {cvm.spec.name!r} broke the rules and its cVM was stopped: {exc}")
         finally:
-            expiry.cancel()
             self._running -= 1
         self.broker.end_invocation(cvm, top_level)
         result.stdout, result.stderr = cvm.process.console.take()
@@ -368,9 +357,19 @@ class Intravisor:
         elif len(body) > INLINE_LIMIT and not invocation.inline and cvm.spec.limits.concurrency == 1:
             length = len(body)
             body = self.place(cvm, body)
-        message = {"op": "invoke", "id": invocation.id, "method": invocation.method, "path": invocation.path,
-                   "query": invocation.query, "headers": invocation.headers, "body": body, "length": length,
-                   "deadline": deadline, "chain": invocation.chain}
+        message = {"op": "invoke", "id": invocation.id, "method": invocation.method, "deadline": deadline}
+        if invocation.path != "/":  # what the runtime assumes is left out: smaller and quicker
+            message["path"] = invocation.path
+        if invocation.query:
+            message["query"] = invocation.query
+        if invocation.headers:
+            message["headers"] = invocation.headers
+        if length is not None:
+            message["body"], message["length"] = body, length
+        elif body:
+            message["body"] = body
+        if invocation.chain:
+            message["chain"] = invocation.chain
         if announced is not None:
             message["grant"] = announced
         if invocation.stream is not None:
@@ -405,8 +404,9 @@ class Intravisor:
             cvm.peak_rss = reply["rss"]
         if isinstance(reply.get("cpu"), float):
             cvm.cpu_seconds = reply["cpu"]
-        return Result(status, {str(k): str(v) for k, v in headers.items()}, body, "error" if error else "ok", error,
-                      capability=capability, stream=stream)
+        if headers:
+            headers = {str(k): str(v) for k, v in headers.items()}
+        return Result(status, headers, body, "error" if error else "ok", error, b"", b"", 0.0, capability, stream)
 
 
 def _raise_descriptor_limit() -> None:

@@ -35,6 +35,11 @@ _PLAIN_RESULTS = frozenset((type(None), str, bytes))
 """Results that can be neither awaited nor streamed: the usual ones skip both checks."""
 CALL_INLINE_MAX = 4 << 20
 """The largest call argument a concurrent cVM may send inside a control message."""
+USAGE_AFTER = 0.001
+USAGE_EVERY = 16
+"""Resident memory and CPU time go with the reply (for the pool's recycling) after an invocation
+that ran USAGE_AFTER seconds or more, and after every USAGE_EVERY-th one: a quicker one cannot
+have grown much, and skips the system call."""
 
 
 @dataclass
@@ -107,12 +112,12 @@ def load_handler(spec: FunctionSpec) -> Any:
     return handler
 
 
-def _packed(reply: dict[str, Any]) -> bytes:
+def _packed(pack: Any, reply: dict[str, Any]) -> bytes:
     """The reply on the wire, or an error reply when the function's result cannot be sent."""
     try:
-        return wire.pack(reply)
+        return pack(reply)
     except (TypeError, ValueError, OverflowError) as exc:
-        return wire.pack({"op": "result", "id": reply.get("id"), "status": 500,
+        return pack({"op": "result", "id": reply.get("id"), "status": 500,
                           "error": {"stage": "result", "type": type(exc).__name__,
                                     "message": f"the result cannot be sent: {exc}"}})
 
@@ -160,9 +165,11 @@ class Runtime:
         Bounds round a large length up to what they can represent; passing such a capability on
         sends these bytes, not the rounding."""
         self.unpacker = wire.unpacker(max_buffer_size=1 << 31)  # the intravisor is trusted
+        self.pack = wire.packer()
+        """The runtime's encoder. Messages go out from one thread (the handler's, or this cVM's loop)."""
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._chains: dict[str, list[str]] = {}
-        """Per invocation, the functions that called their way here (to stop cycles and depth)."""
+        self._unreported = 0
+        """Invocations since resident memory and CPU time were last reported."""
         self._next_call = 0
         self._calls: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._sending: asyncio.Lock | None = None
@@ -181,16 +188,17 @@ class Runtime:
         return self._loop
 
     def send(self, message: dict[str, Any]) -> None:
-        self.sock.sendall(wire.pack(message))
+        self.sock.sendall(self.pack(message))
 
     def receive(self) -> dict[str, Any] | None:
+        unpacker = self.unpacker
         while True:
-            for message in self.unpacker:
+            for message in unpacker:
                 return message
             data = self.sock.recv(1 << 20)
             if not data:
                 return None
-            self.unpacker.feed(data)
+            unpacker.feed(data)
 
     def start(self, handler_loader: Any) -> Any:
         """Load the function; report ``ready`` or, with file and line, why it cannot run."""
@@ -216,7 +224,7 @@ class Runtime:
             if message is None or message.get("op") == "stop":
                 return
             if message.get("op") == "invoke":
-                self.sock.sendall(_packed(self.invoke(message)))
+                self.sock.sendall(_packed(self.pack, self.invoke(message)))
                 for stream in self._streams:
                     stream.close()  # the writer sees the reader gone if it is still sending
                 self._streams.clear()
@@ -233,7 +241,7 @@ class Runtime:
         async def run(message: dict[str, Any]) -> None:
             reply = await self.invoke_async(message)
             async with self._sending:
-                await loop.sock_sendall(self.sock, _packed(reply))
+                await loop.sock_sendall(self.sock, _packed(self.pack, reply))
             if len(running) == 1:  # the last one running: no payload of theirs is still held
                 self._lengths.clear()
 
@@ -261,8 +269,8 @@ class Runtime:
                    "headers": {}, "body": b"", "length": None, "deadline": 0.0}
         for _ in range(rounds):
             unpacker = wire.unpacker()
-            unpacker.feed(wire.pack(message))
-            wire.pack(self.invoke(next(unpacker)))
+            unpacker.feed(self.pack(message))
+            self.pack(self.invoke(next(unpacker)))
 
     def _accept(self, announced: dict[str, Any], *, transient: bool) -> Grant:
         if self.grants is None:
@@ -330,9 +338,8 @@ class Runtime:
 
     def _begin(self, message: dict[str, Any]) -> tuple[Event, Context, dict[str, Any]]:
         call_id = message.get("id", "")
-        context = Context(self.spec.name, call_id, message.get("deadline", 0.0), self.logger,
-                          share=self.share, caller=self, files=self.files)
-        self._chains[call_id] = list(message.get("chain") or [])
+        context = Context(self.spec.name, call_id, message.get("deadline", 0.0), self.logger, self.share, self,
+                          self.files, tuple(message.get("chain") or ()))
         return self._event(message), context, {"op": "result", "id": call_id}
 
     # -- calls to other functions (CAP_Calls) ----------------------------------------------------
@@ -366,7 +373,7 @@ class Runtime:
         self._next_call += 1
         message: dict[str, Any] = {"op": "call", "call": f"{context.invocation_id}/{self._next_call}",
                                    "target": target, "headers": dict(headers), "deadline": context.deadline,
-                                   "chain": [*self._chains.get(context.invocation_id, ()), self.spec.name]}
+                                   "chain": [*context.chain, self.spec.name]}
         if isinstance(data, str):
             data = data.encode()
         if not isinstance(data, (Capability, SharedBuffer)) and len(data) > INLINE_LIMIT:
@@ -452,35 +459,46 @@ class Runtime:
         self._calls[message["call"]] = answer
         try:
             async with self._sending:
-                await self.loop.sock_sendall(self.sock, wire.pack(message))
+                await self.loop.sock_sendall(self.sock, self.pack(message))
             return await answer
         finally:
             self._calls.pop(message["call"], None)
 
     def _complete(self, reply: dict[str, Any], value: Any, *, inline: bool, called: bool = False) -> dict[str, Any]:
         response = self.convert(value, Capability)
-        reply.update(status=response.status, headers=response.headers)
-        reply.update(self._body(response.body, inline=inline, called=called))
+        reply["status"] = response.status
+        if response.headers:
+            reply["headers"] = response.headers
+        body = response.body
+        if type(body) is bytes and len(body) <= INLINE_LIMIT:  # the usual result: as it is, or nothing
+            if body:
+                reply["body"] = body
+        else:
+            reply.update(self._body(body, inline=inline, called=called))
         return reply
 
-    def _finish(self, reply: dict[str, Any], exc: BaseException | None) -> dict[str, Any]:
+    def _finish(self, reply: dict[str, Any], exc: BaseException | None, started: float = 0.0) -> dict[str, Any]:
         if exc is not None:  # the handler's failure is the invocation's result
             if isinstance(exc, KeyboardInterrupt):
                 raise exc
             traceback.print_exception(exc)
             stage = "result" if isinstance(exc, HandlerResultError) else "handler"
             reply.update(status=500, error=error_report(stage, exc, self.spec))
-        self._chains.pop(reply.get("id", ""), None)
         _flush(sys.stdout, sys.stderr)  # all of this invocation's output is in the pipes before the reply
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        reply["rss"] = usage.ru_maxrss * 1024
-        reply["cpu"] = usage.ru_utime + usage.ru_stime
+        self._unreported += 1
+        if self._unreported >= USAGE_EVERY or time.perf_counter() - started >= USAGE_AFTER:
+            self._unreported = 0
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            reply["rss"] = usage.ru_maxrss * 1024
+            reply["cpu"] = usage.ru_utime + usage.ru_stime
         return reply
 
     def invoke(self, message: dict[str, Any]) -> dict[str, Any]:
         """One invocation at a time: the region's heap is this invocation's alone."""
+        started = time.perf_counter()
         self.region.reset()
-        self._lengths.clear()
+        if self._lengths:
+            self._lengths.clear()
         event, context, reply = self._begin(message)
         try:
             value = self.call(event, context)
@@ -492,9 +510,9 @@ class Runtime:
                     return self._stream(reply, streamed, context)
                 if streamed is not None:  # no stream to this cVM's caller here: the body goes whole
                     value = _whole(streamed, b"".join(self._chunks(streamed.body)))
-            return self._finish(self._complete(reply, value, inline=False, called=bool(message.get("chain"))), None)
+            return self._finish(self._complete(reply, value, inline=False, called="chain" in message), None, started)
         except BaseException as exc:
-            return self._finish(reply, exc)
+            return self._finish(reply, exc, started)
 
     def _stream(self, reply: dict[str, Any], response: Response, context: Context) -> dict[str, Any]:
         """Answer with status and headers now, then write what the generator yields into a
