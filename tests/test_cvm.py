@@ -270,3 +270,26 @@ async def test_the_intravisor_busy_waits_only_for_quick_replies(intravisor: Intr
         await assert_still_serving(intravisor, cvm)
     assert spun.count(slow.process.pid) == 0 and quick.process.pid in spun
     assert slow.reply_seconds > 0.05
+
+
+async def test_memory_growth_is_reported_after_a_slow_invocation_and_every_few_quick_ones(
+        intravisor: Intravisor, tmp_path: Path) -> None:
+    """Quick invocations skip measuring memory, so the pool learns of slow growth within
+    USAGE_EVERY of them, and of a large allocation (which takes time) at once."""
+    from capfaas.core.runtime import USAGE_EVERY
+
+    cvm = await intravisor.create(write_function(tmp_path, "grower", """
+        HOARD = []
+        def handle(event, context):
+            if event.text == "big":
+                HOARD.append(bytearray(64 << 20))
+            else:
+                HOARD.append(b"x" * 1024)
+            return ""
+    """))
+    for _ in range(USAGE_EVERY):
+        await intravisor.invoke(cvm, Invocation(body=b"small"))
+    assert cvm.peak_rss > 0 and cvm.cpu_seconds > 0
+    before = cvm.peak_rss
+    await intravisor.invoke(cvm, Invocation(body=b"big"))
+    assert cvm.peak_rss >= before + (64 << 20)

@@ -355,14 +355,16 @@ async def test_function_failures_map_to_statuses(tmp_path: Path) -> None:
         error = await response.json()
         assert error["type"] == "CVMCrashed" and error["call_id"] == response.headers["X-Call-Id"]
 
-        response = await client.get("/function/failing?what=header")
-        assert response.status == 502
-        assert (await response.json())["type"] == "InvalidHeader"
-        assert "X-Injected" not in response.headers
+        for _ in range(2):  # the second time, the header's verdict is remembered
+            response = await client.get("/function/failing?what=header")
+            assert response.status == 502
+            assert (await response.json())["type"] == "InvalidHeader"
+            assert "X-Injected" not in response.headers
 
-        response = await client.get("/function/failing?what=hop")
-        assert response.status == 200 and await response.text() == "hop"
-        assert response.headers["X-Fine"] == "yes" and "Transfer-Encoding" not in response.headers
+        for _ in range(2):
+            response = await client.get("/function/failing?what=hop")
+            assert response.status == 200 and await response.text() == "hop"
+            assert response.headers["X-Fine"] == "yes" and "Transfer-Encoding" not in response.headers
 
         response = await client.get("/function/failing?what=unicode")
         assert response.status in (200, 502), response.status

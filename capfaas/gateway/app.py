@@ -436,12 +436,30 @@ def _invocation_headers(request: web.Request) -> dict[str, str]:
 def _function_headers(headers: dict[str, str]) -> dict[str, str] | None:
     """The function's response headers without hop-by-hop ones; None when one cannot be sent."""
     out = {}
-    for key, value in headers.items():
-        if not _TOKEN.fullmatch(key) or _CONTROL.search(value):
+    for item in headers.items():
+        kept = _checked_headers.get(item)
+        if kept is None:
+            kept = _check_header(*item)
+        if kept is False:
             return None
-        if key.lower() not in _HOP_BY_HOP:
-            out[key] = value
+        if kept:
+            out[item[0]] = item[1]
     return out
+
+
+_checked_headers: dict[tuple[str, str], bool | None] = {}
+"""Verdicts on header lines functions sent (most send the same few again and again)."""
+
+
+def _check_header(key: str, value: str) -> bool | None:
+    """True to send the header, None to leave it out (hop-by-hop), False if it is not valid HTTP."""
+    if not _TOKEN.fullmatch(key) or _CONTROL.search(value):
+        verdict: bool | None = False
+    else:
+        verdict = None if key.lower() in _HOP_BY_HOP else True
+    if len(_checked_headers) < 4096 and len(value) <= 256:  # bounded: values may differ every time
+        _checked_headers[key, value] = verdict
+    return verdict
 
 
 def _json_error(status: int, title: str, kind: str, message: str, call_id: str) -> web.Response:
@@ -454,6 +472,8 @@ async def _read_prefix(request: web.Request, limit: int) -> tuple[bytes, bool]:
 
     Read before an instance is taken, so a client slow to send a small body holds no instance.
     """
+    if not request.body_exists:  # a GET, or no body announced: nothing to wait for
+        return b"", True
     length = request.content_length
     if length is not None:
         if length <= limit:
@@ -621,8 +641,9 @@ async def _run(request: web.Request, gateway: Gateway, name: str, call_id: str, 
     except BaseException:
         pool.release(cvm)
         raise
-    gateway.metrics.inc("gateway_function_invocation_started", function_name=name)
-    gateway.metrics.inc("capfaas_payload_bytes_total", length or len(body), function_name=name, direction="in")
+    meter = gateway.metrics.meter(name)
+    meter.started[0] += 1
+    meter.bytes_in[0] += length or len(body)
     deployed.invocations += 1
     invocation = Invocation(method=request.method, path="/" + request.match_info.get("path", ""),
                             query=dict(request.query) if request.query_string else {},
@@ -666,7 +687,8 @@ _ERROR_TITLES = {"error": "the handler raised an exception", "timeout": "the fun
 async def _respond(request: web.Request, gateway: Gateway, deployed: Any, result: Result, call_id: str,
                    start_time: float, cold: bool) -> web.StreamResponse:
     name = deployed.spec.name
-    gateway.logs.add(name, call_id, result.stdout + result.stderr)
+    if result.stdout or result.stderr:
+        gateway.logs.add(name, call_id, result.stdout + result.stderr)
     if result.outcome == "fault":
         gateway.metrics.inc("capfaas_capability_faults_total", function_name=name)
     status = result.status
@@ -685,10 +707,7 @@ async def _respond(request: web.Request, gateway: Gateway, deployed: Any, result
     headers.update({"X-Call-Id": call_id, "X-Start-Time": str(int(start_time * 1e9)),
                     "X-Duration-Seconds": f"{result.duration:.6f}", "X-Served-By": "capfaas",
                     "X-Cold-Start": "1" if cold else "0"})
-    code = str(status)
-    gateway.metrics.inc("gateway_function_invocation_total", function_name=name, code=code)
-    gateway.metrics.observe("gateway_functions_seconds", result.duration, function_name=name, code=code)
-    gateway.metrics.inc("capfaas_payload_bytes_total", len(body), function_name=name, direction="out")
+    gateway.metrics.meter(name).finished(str(status), result.duration, len(body))
     if result.stream is not None and result.outcome == "ok" and status == result.status:
         return await _respond_streaming(request, gateway, name, result, status, headers)
     if isinstance(body, bytes):  # the gateway's own copy (small results come inline): aiohttp sends it

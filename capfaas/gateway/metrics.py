@@ -30,22 +30,36 @@ class Metrics:
     """Everything ``/metrics`` shows; gauges are read from live state when scraped."""
 
     def __init__(self) -> None:
-        self.counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
+        self.counters: dict[str, dict[Labels, list[float]]] = defaultdict(dict)
+        """Each series a one-element list, so a hot path can hold it and add to it directly."""
         self.histograms: dict[str, dict[Labels, list[float]]] = defaultdict(dict)
         self.help: dict[str, tuple[str, str]] = {}
         self.gauges: dict[str, Callable[[], dict[Labels, float]]] = {}
+        self._meters: dict[str, FunctionMeter] = {}
 
     def describe(self, name: str, kind: str, text: str) -> None:
         self.help[name] = (kind, text)
 
+    def counter(self, name: str, **labels: str) -> list[float]:
+        """The series of a counter (created at zero): add to its one element."""
+        return self.counters[name].setdefault(_key(labels), [0.0])
+
+    def histogram(self, name: str, **labels: str) -> list[float]:
+        """The series of a histogram (created empty), for ``record``."""
+        return self.histograms[name].setdefault(_key(labels), [0.0] * (len(BUCKETS) + 2))
+
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        self.counters[name][_key(labels)] += amount
+        self.counter(name, **labels)[0] += amount
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        key = _key(labels)
-        series = self.histograms[name].setdefault(key, [0.0] * (len(BUCKETS) + 2))
-        series[bisect.bisect_left(BUCKETS, value)] += 1
-        series[-1] += value
+        record(self.histogram(name, **labels), value)
+
+    def meter(self, function: str) -> FunctionMeter:
+        """The series ``function``'s invocations update, looked up once."""
+        meter = self._meters.get(function)
+        if meter is None:
+            meter = self._meters[function] = FunctionMeter(self, function)
+        return meter
 
     def gauge(self, name: str, read: Callable[[], dict[Labels, float]]) -> None:
         self.gauges[name] = read
@@ -60,7 +74,7 @@ class Metrics:
 
         for name, series in sorted(self.counters.items()):
             header(name)
-            lines.extend(f"{name}{_labels(k)} {v:g}" for k, v in sorted(series.items()))
+            lines.extend(f"{name}{_labels(k)} {v[0]:g}" for k, v in sorted(series.items()))
         for name, read in sorted(self.gauges.items()):
             header(name)
             lines.extend(f"{name}{_labels(k)} {v:g}" for k, v in sorted(read().items()))
@@ -95,3 +109,33 @@ def gateway_metrics() -> Metrics:
     ):
         metrics.describe(name, kind, text)
     return metrics
+
+
+def record(series: list[float], value: float) -> None:
+    """One observation into a histogram's series: its bucket's count, and the sum."""
+    series[bisect.bisect_left(BUCKETS, value)] += 1
+    series[-1] += value
+
+
+class FunctionMeter:
+    """One function's invocation series, held so that an invocation adds to them without
+    building label keys (five updates per request)."""
+
+    def __init__(self, metrics: Metrics, function: str) -> None:
+        self._metrics = metrics
+        self.function = function
+        self.started = metrics.counter("gateway_function_invocation_started", function_name=function)
+        self.bytes_in = metrics.counter("capfaas_payload_bytes_total", function_name=function, direction="in")
+        self.bytes_out = metrics.counter("capfaas_payload_bytes_total", function_name=function, direction="out")
+        self._finished: dict[str, tuple[list[float], list[float]]] = {}
+
+    def finished(self, code: str, seconds: float, sent: int) -> None:
+        """An invocation answered with status ``code`` after ``seconds``, sending ``sent`` bytes."""
+        series = self._finished.get(code)
+        if series is None:
+            series = self._finished[code] = (
+                self._metrics.counter("gateway_function_invocation_total", function_name=self.function, code=code),
+                self._metrics.histogram("gateway_functions_seconds", function_name=self.function, code=code))
+        series[0][0] += 1
+        record(series[1], seconds)
+        self.bytes_out[0] += sent

@@ -161,7 +161,7 @@ class FunctionPool:
     async def acquire(self) -> tuple[CVM, bool]:
         """A slot in a busy instance, an idle instance, a new one, or a place in the queue;
         returns (cvm, cold). Every acquire is paired with one ``release``."""
-        for cvm in list(self.partial):
+        for cvm in list(self.partial) if self.partial else ():
             if cvm.state is not State.STOPPED:
                 return self._lease(cvm), False
             self.partial.discard(cvm)
