@@ -381,31 +381,36 @@ class Intravisor:
             raise ProtocolViolation(f"expected a result, got {reply.get('op')!r}")
         body = reply.get("body", b"")
         capability = None
-        if isinstance(body, Capability):
+        if type(body) is not bytes:
+            if not isinstance(body, Capability):
+                raise ProtocolViolation("a result body must be bytes or a capability")
             length = reply.get("length")
             self.admit(cvm, body, length)
             if self.broker.find(body, length) is not None:
                 capability, body = body, self.broker.area.view(body, body.address, length)
             else:
                 body = self.memory.view(body, body.address, length)
-        elif not isinstance(body, bytes):
-            raise ProtocolViolation("a result body must be bytes or a capability")
-        headers = reply.get("headers") or {}
         status = reply.get("status", 500)
-        if not isinstance(headers, dict) or not isinstance(status, int):
-            raise ProtocolViolation("malformed result status or headers")
+        headers = reply.get("headers")
+        if headers:
+            if not isinstance(headers, dict):
+                raise ProtocolViolation("malformed result headers")
+            headers = {str(k): str(v) for k, v in headers.items()}
+        else:
+            headers = {}
+        if not isinstance(status, int):
+            raise ProtocolViolation("malformed result status")
         error = reply.get("error")
         stream = None
-        if reply.get("stream"):
+        if "stream" in reply and reply["stream"]:
             if cvm.output is None:
                 raise ProtocolViolation("a streamed result without a stream")
             stream, cvm.output = cvm.output, None
-        if isinstance(reply.get("rss"), int):
-            cvm.peak_rss = reply["rss"]
-        if isinstance(reply.get("cpu"), float):
-            cvm.cpu_seconds = reply["cpu"]
-        if headers:
-            headers = {str(k): str(v) for k, v in headers.items()}
+        if "rss" in reply:  # reported after slow invocations and every few quick ones
+            if isinstance(reply["rss"], int):
+                cvm.peak_rss = reply["rss"]
+            if isinstance(reply.get("cpu"), float):
+                cvm.cpu_seconds = reply["cpu"]
         return Result(status, headers, body, "error" if error else "ok", error, b"", b"", 0.0, capability, stream)
 
 

@@ -31,6 +31,10 @@ from .spec import FunctionSpec
 
 INLINE_LIMIT = 64 << 10
 """Bodies up to this size travel inside the control message; larger ones as capabilities."""
+RECEIVE_SIZE = 64 << 10
+"""Bytes asked of the control socket per read. ``recv`` allocates what it is asked for: a megabyte
+would be mapped and unmapped by malloc on every message (microseconds each); larger messages
+simply take several reads."""
 _PLAIN_RESULTS = frozenset((type(None), str, bytes))
 """Results that can be neither awaited nor streamed: the usual ones skip both checks."""
 CALL_INLINE_MAX = 4 << 20
@@ -195,7 +199,7 @@ class Runtime:
         while True:
             for message in unpacker:
                 return message
-            data = self.sock.recv(1 << 20)
+            data = self.sock.recv(RECEIVE_SIZE)
             if not data:
                 return None
             unpacker.feed(data)

@@ -577,10 +577,15 @@ async def invoke_function(request: web.Request) -> web.StreamResponse:
     if isinstance(outcome, web.StreamResponse):
         return outcome
     deployed, result, cold, cvm = outcome
+    response = None
     try:
-        return await _respond(request, gateway, deployed, result, call_id, start_time, cold)
+        response = await _respond(request, gateway, deployed, result, call_id, start_time, cold)
+        return response
     finally:
-        deployed.pool.release(cvm)
+        if type(response) is web.Response:  # its own copy of the body, sent once we return: release after
+            asyncio.get_running_loop().call_soon(deployed.pool.release, cvm)
+        else:  # a view of the cVM's memory, already written, or nothing to send
+            deployed.pool.release(cvm)
 
 
 async def _acquire(gateway: Gateway, name: str) -> tuple[Any, Any, bool] | web.Response:
