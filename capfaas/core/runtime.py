@@ -249,7 +249,7 @@ class Runtime:
             if len(running) == 1:  # the last one running: no payload of theirs is still held
                 self._lengths.clear()
 
-        while data := await loop.sock_recv(self.sock, 1 << 20):
+        while data := await loop.sock_recv(self.sock, RECEIVE_SIZE):
             self.unpacker.feed(data)
             for message in self.unpacker:
                 if message.get("op") == "stop":

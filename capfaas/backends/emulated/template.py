@@ -34,6 +34,9 @@ from .layout import WINDOW_ALIGN
 from .memory import TaggedMemory
 
 MAX_MESSAGE = 1 << 20
+REGION_MESSAGE = 16 << 10
+"""Room for the region message on an instance's control stream: a few hundred bytes, and a buffer
+well below what malloc maps afresh for every read."""
 SPARE_DELAY = 0.005
 """Seconds a template waits after its spare clone was taken before forking the next, so the fork
 does not compete for the CPU with the instance that is starting."""
@@ -209,7 +212,7 @@ def run_function_template(message: dict[str, Any], control_fd: int, libos: Any) 
         for ready in readable:
             if ready is not control:
                 continue
-            data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1)
+            data, fds = receive_message(control, 1)
             if not data:
                 return 0
             request = _one_message(data)
@@ -328,13 +331,26 @@ def _receive_region(control: socket.socket, mapping: Callable[[Callable[[], obje
                     descriptors: int) -> tuple[Region, list[int]] | None:
     """Wait for this instance's region and map it inside ``mapping`` (the library OS's); the region
     and the ``descriptors`` - 1 that came after the segment's, or None if what came is not a region."""
-    data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, descriptors)
+    data, fds, _, _ = socket.recv_fds(control, REGION_MESSAGE, descriptors)
     launch = _one_message(data)
     if launch.get("op") != "region" or len(fds) != descriptors:
         return None
     mapped: list[Region] = []
     mapping(lambda: mapped.append(map_region(launch, fds[0], control.fileno())))
     return mapped[0], fds[1:]
+
+
+_PEEK = bytearray(1)
+
+
+def receive_message(sock: socket.socket, descriptors: int) -> tuple[bytes, list[int]]:
+    """One message of a SOCK_SEQPACKET socket (empty at end of stream) and up to ``descriptors`` fds.
+
+    Read with a buffer of its own size: recvmsg allocates what it is asked for, and a buffer of
+    MAX_MESSAGE would cost a memory mapping and its page faults on every message of a cold start."""
+    size = sock.recv_into(_PEEK, 0, socket.MSG_PEEK | socket.MSG_TRUNC)
+    data, fds, _, _ = socket.recv_fds(sock, min(max(size, 1), MAX_MESSAGE), descriptors)
+    return data, fds
 
 
 def _one_message(data: bytes) -> dict[str, Any]:
@@ -442,7 +458,7 @@ class Template:
         while True:
             if not self.reaper.wait_readable(self.sock):
                 continue
-            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 5)
+            data, fds = receive_message(self.sock, 5)
             if not data:
                 return
             message = _one_message(data)
