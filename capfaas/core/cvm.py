@@ -12,6 +12,7 @@ from . import wire
 from .backend import CVMProcess, Region
 from .capability import Capability
 from .channels import is_request
+from .deadlines import Deadlines
 from .spec import FunctionSpec
 
 
@@ -104,13 +105,14 @@ class CVM:
         if writer.transport.get_write_buffer_size():  # not all sent at once: wait until it drains
             await writer.drain()
 
-    async def exchange(self, message: dict[str, Any], deadline: float, spin: float = 0.0) -> dict[str, Any]:
-        """Send an invocation and wait for its reply; at ``deadline`` (event loop time) the cVM is
-        killed. One at a time, replies come back in order (``spin``: seconds to busy-wait for a
-        quick one first, which then needs no timer); a cVM serving several at once gets one
-        reader that hands each reply to its caller by id."""
+    async def exchange(self, message: dict[str, Any], deadline: float, deadlines: Deadlines,
+                       spin: float = 0.0) -> dict[str, Any]:
+        """Send an invocation and wait for its reply; at ``deadline`` (event loop time, watched by
+        ``deadlines``) the cVM is killed. One at a time, replies come back in order (``spin``:
+        seconds to busy-wait for a quick one first, which then needs no watching); a cVM serving
+        several at once gets one reader that hands each reply to its caller by id."""
         if self.spec.limits.concurrency > 1:
-            return await self._exchange_concurrently(message, asyncio.get_running_loop().call_at(deadline, self.expire))
+            return await self._exchange_concurrently(message, deadlines, deadlines.watch(deadline, self.expire))
         writer = self.process.writer
         writer.write(_pack(message))
         sent = time.perf_counter()
@@ -123,7 +125,7 @@ class CVM:
                 if early is not None and not is_request(early):
                     self.reply_seconds = time.perf_counter() - sent
                     return early
-        expiry = asyncio.get_running_loop().call_at(deadline, self.expire)
+        watched = deadlines.watch(deadline, self.expire)
         try:
             if writer.transport.get_write_buffer_size():  # not all sent at once: wait until it drains
                 await writer.drain()
@@ -136,9 +138,9 @@ class CVM:
                     return reply
                 self._answer(reply)
         finally:
-            expiry.cancel()
+            deadlines.unwatch(watched)
 
-    async def _exchange_concurrently(self, message: dict[str, Any], expiry: asyncio.TimerHandle) -> dict[str, Any]:
+    async def _exchange_concurrently(self, message: dict[str, Any], deadlines: Deadlines, watched: int) -> dict[str, Any]:
         waiter = asyncio.get_running_loop().create_future()
         self._pending[message["id"]] = waiter
         if self._reader is None:
@@ -148,7 +150,7 @@ class CVM:
             return await waiter
         finally:
             self._pending.pop(message["id"], None)
-            expiry.cancel()
+            deadlines.unwatch(watched)
 
     def expire(self) -> None:
         """An invocation outlived its timeout: kill the cVM from outside (it may be looping in C

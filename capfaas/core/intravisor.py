@@ -24,6 +24,7 @@ from .broker import Broker, SharingUnavailable
 from .capability import Capability
 from .channels import ChannelRefused, channel_table
 from .cvm import CVM, ChannelClosed, ProtocolViolation, State
+from .deadlines import Deadlines
 from .entries import EntryTable
 from .faults import CapabilityFault, TagFault
 from .outstream import OutputStream
@@ -126,6 +127,8 @@ class Intravisor:
         self._scopes = itertools.count(1)
         self._running = 0
         """Invocations under way on every cVM: the intravisor busy-waits for a reply only when alone."""
+        self.deadlines = Deadlines()
+        """Every waiting invocation's timeout."""
         self.entries = EntryTable()
         """Sealed entry capabilities: the only call targets a cVM can name."""
         self.channels = channel_table(pm.hook.capfaas_channels())
@@ -300,7 +303,8 @@ class Intravisor:
         try:
             message = self._invoke_message(cvm, invocation, time.time() + timeout)
             quick = self._running == 1 and cvm.reply_seconds < REPLY_SPIN
-            reply = await cvm.exchange(message, started + timeout, REPLY_SPIN if quick else 0.0)  # the loop's clock
+            reply = await cvm.exchange(message, started + timeout, self.deadlines,  # the loop's clock
+                                       REPLY_SPIN if quick else 0.0)
             result = self._result(cvm, reply)
             if result.stream is not None:  # the body follows through a CAP_Stream: the cVM stays busy
                 result.stream = OutputStream(self, cvm, *result.stream, started + timeout, top_level)
