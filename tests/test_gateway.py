@@ -883,3 +883,17 @@ async def test_the_streaming_and_cap_file_examples(tmp_path: Path) -> None:
 
         answer = await (await client.post("/function/wordcount", data=upload())).json()
         assert answer == {"bytes": 8_000_000, "words": 1_600_000, "lines": 800_000}
+
+
+async def test_concurrent_invocations_with_the_same_call_id_each_get_their_own_answer(tmp_path: Path) -> None:
+    """X-Call-Id is the client's to choose: two at once on one instance are still two invocations."""
+    async with running_gateway(tmp_path / "state") as (_, client):
+        await deploy(client, "waiter", """
+            import asyncio
+            async def handle(event, context):
+                await asyncio.sleep(0.2)
+                return event.text
+        """, code={"concurrency": 2}, labels={"com.openfaas.scale.max": "1"})
+        responses = await asyncio.wait_for(asyncio.gather(*(
+            client.post("/function/waiter", data=text, headers={"X-Call-Id": "same"}) for text in ("one", "two"))), 10)
+        assert [(r.status, await r.text()) for r in responses] == [(200, "one"), (200, "two")]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -79,7 +80,10 @@ class CVM:
     pipes: dict[int, Any] = field(default_factory=dict)
     """CAP_Streams the running invocation opened to functions it is calling, by object id."""
     _unpacker: Any = field(default=None, repr=False)
-    _pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    _pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    """Concurrent invocations awaiting their replies, by sequence number (invocation ids are the
+    client's to choose, and two at once may share one)."""
+    _sequence: Any = field(default_factory=itertools.count, repr=False)
     _reader: asyncio.Task[None] | None = field(default=None, repr=False)
     on_call: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = field(default=None, repr=False)
     """Answers a request the cVM makes mid-invocation (a call to another function, a shared
@@ -140,16 +144,18 @@ class CVM:
         finally:
             deadlines.unwatch(watched)
 
-    async def _exchange_concurrently(self, message: dict[str, Any], deadlines: Deadlines, watched: int) -> dict[str, Any]:
+    async def _exchange_concurrently(self, message: dict[str, Any], deadlines: Deadlines,
+                                     watched: int) -> dict[str, Any]:
         waiter = asyncio.get_running_loop().create_future()
-        self._pending[message["id"]] = waiter
+        sequence = message["seq"] = next(self._sequence)
+        self._pending[sequence] = waiter
         if self._reader is None:
             self._reader = asyncio.ensure_future(self._read_replies())
         try:
             await self.send(message)
             return await waiter
         finally:
-            self._pending.pop(message["id"], None)
+            self._pending.pop(sequence, None)
             deadlines.unwatch(watched)
 
     def expire(self) -> None:
@@ -183,9 +189,9 @@ class CVM:
                 if is_request(reply):
                     self._answer(reply)
                     continue
-                waiter = self._pending.get(reply.get("id"))
+                waiter = self._pending.get(reply.get("seq"))
                 if waiter is None or waiter.done():
-                    raise ProtocolViolation(f"a reply to no pending invocation ({reply.get('id')!r})")
+                    raise ProtocolViolation(f"a reply to no pending invocation ({reply.get('seq')!r})")
                 waiter.set_result(reply)
         except (ChannelClosed, ProtocolViolation, ConnectionError) as exc:
             for waiter in self._pending.values():

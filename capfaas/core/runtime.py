@@ -122,8 +122,8 @@ def _packed(pack: Any, reply: dict[str, Any]) -> bytes:
         return pack(reply)
     except (TypeError, ValueError, OverflowError) as exc:
         return pack({"op": "result", "id": reply.get("id"), "status": 500,
-                          "error": {"stage": "result", "type": type(exc).__name__,
-                                    "message": f"the result cannot be sent: {exc}"}})
+                     "error": {"stage": "result", "type": type(exc).__name__,
+                               "message": f"the result cannot be sent: {exc}"}})
 
 
 def _chunk(chunk: Any) -> Any:
@@ -344,7 +344,10 @@ class Runtime:
         call_id = message.get("id", "")
         context = Context(self.spec.name, call_id, message.get("deadline", 0.0), self.logger, self.share, self,
                           self.files, tuple(message.get("chain") or ()))
-        return self._event(message), context, {"op": "result", "id": call_id}
+        reply = {"op": "result", "id": call_id}
+        if "seq" in message:  # one of several at once: the intravisor matches the reply by it
+            reply["seq"] = message["seq"]
+        return self._event(message), context, reply
 
     # -- calls to other functions (CAP_Calls) ----------------------------------------------------
 
@@ -482,6 +485,8 @@ class Runtime:
         return reply
 
     def _finish(self, reply: dict[str, Any], exc: BaseException | None, started: float = 0.0) -> dict[str, Any]:
+        """The reply, with the handler's failure if it raised. ``started`` (``perf_counter``) says
+        whether the invocation was quick enough to skip measuring memory; 0 always measures."""
         if exc is not None:  # the handler's failure is the invocation's result
             if isinstance(exc, KeyboardInterrupt):
                 raise exc
