@@ -3,7 +3,8 @@
 Run: ``python bench/invoke_local.py`` (``--quick`` for a short run). Prints
 
 1. round-trip latency (p50, p99) of a bare socketpair echo between two processes (the IPC floor)
-   and of a no-op invocation intravisor -> warm cVM -> intravisor, and their ratios;
+   and of a no-op invocation intravisor -> warm cVM -> intravisor, and their ratios; the two are
+   measured in alternating blocks, so both see the same drift of a shared machine;
 2. for 1 KiB ... 64 MiB, the time to hand a payload already in shared memory to an echo function
    and get it back as a capability, against sending the same bytes through the control channel.
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import uvloop
 
 from capfaas.core.backend import select_backend
+from capfaas.core.cvm import CVM
 from capfaas.core.intravisor import Intravisor, Invocation
 from capfaas.core.spec import FunctionSpec, Limits
 from capfaas.plugin_manager import make_plugin_manager
@@ -43,25 +45,35 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def socketpair_floor(rounds: int) -> list[float]:
-    """Round trips of a small message to an echoing child process over a socketpair."""
-    parent, child = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        parent.close()
-        while data := child.recv(4096):
-            child.sendall(data)
-        os._exit(0)
-    child.close()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        parent.sendall(MESSAGE)
-        parent.recv(4096)
-        samples.append(time.perf_counter() - start)
-    parent.close()
-    os.waitpid(pid, 0)
-    return samples
+BLOCKS = 10
+"""Alternating blocks of floor and invocation round trips."""
+
+
+class EchoPeer:
+    """A child process that echoes what arrives on a socketpair: the IPC floor's other end."""
+
+    def __init__(self) -> None:
+        self.parent, child = socket.socketpair()
+        self.pid = os.fork()
+        if self.pid == 0:
+            self.parent.close()
+            while data := child.recv(4096):
+                child.sendall(data)
+            os._exit(0)
+        child.close()
+
+    def round_trips(self, rounds: int) -> list[float]:
+        samples = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            self.parent.sendall(MESSAGE)
+            self.parent.recv(4096)
+            samples.append(time.perf_counter() - start)
+        return samples
+
+    def close(self) -> None:
+        self.parent.close()
+        os.waitpid(self.pid, 0)
 
 
 def function(directory: Path, name: str, code: str) -> FunctionSpec:
@@ -71,16 +83,12 @@ def function(directory: Path, name: str, code: str) -> FunctionSpec:
     return FunctionSpec(name=name, bundle=bundle, module="fn.py", limits=Limits(memory=1 << 30, timeout=120))
 
 
-async def invocation_latency(iv: Intravisor, spec: FunctionSpec, rounds: int) -> list[float]:
-    cvm = await iv.create(spec)
-    for _ in range(100):
-        await iv.invoke(cvm, Invocation())
+async def invocation_latency(iv: Intravisor, cvm: CVM, rounds: int) -> list[float]:
     samples = []
     for _ in range(rounds):
         start = time.perf_counter()
         await iv.invoke(cvm, Invocation())
         samples.append(time.perf_counter() - start)
-    await iv.stop(cvm)
     return samples
 
 
@@ -118,13 +126,23 @@ async def timed(iv: Intravisor, cvm, make, size: int, repeat: int) -> float:
 
 async def run(quick: bool) -> None:
     rounds = 2000 if quick else 20000
-    floor = socketpair_floor(rounds)
     pm = make_plugin_manager()
     backend = select_backend([c for group in pm.hook.capfaas_backends() for c in group], "emulated")
-    with tempfile.TemporaryDirectory() as scratch:
-        async with Intravisor(backend(), pm) as iv:
-            invoke = await invocation_latency(iv, function(Path(scratch), "noop", NOOP), rounds)
-            rows = await handoff(iv, function(Path(scratch), "echo", ECHO), quick)
+    floor: list[float] = []
+    invoke: list[float] = []
+    peer = EchoPeer()  # forked before the intravisor starts
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            async with Intravisor(backend(), pm) as iv:
+                cvm = await iv.create(function(Path(scratch), "noop", NOOP))
+                await invocation_latency(iv, cvm, 100)  # warm
+                for _ in range(BLOCKS):
+                    floor += peer.round_trips(rounds // BLOCKS)
+                    invoke += await invocation_latency(iv, cvm, rounds // BLOCKS)
+                await iv.stop(cvm)
+                rows = await handoff(iv, function(Path(scratch), "echo", ECHO), quick)
+    finally:
+        peer.close()
     print(f"no-op round trip over {rounds} calls (microseconds):")
     print(f"  socketpair echo (IPC floor): p50 {percentile(floor, .5) * 1e6:7.1f}   p99 {percentile(floor, .99) * 1e6:7.1f}")
     print(f"  intravisor -> cVM -> back:   p50 {percentile(invoke, .5) * 1e6:7.1f}   p99 {percentile(invoke, .99) * 1e6:7.1f}")
