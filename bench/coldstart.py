@@ -7,7 +7,7 @@ Run: ``python bench/coldstart.py`` (``--quick`` for a short run). Prints
    and calls it once, measured in this run;
 2. a warm hit through HTTP, against the same request to a bare aiohttp+uvloop server that runs the
    handler inline (the ceiling), both from a load generator in its own process (wrk at
-   concurrency 1, as bench/http.py uses, when it is installed);
+   concurrency 1, as bench/http.py uses, when it is installed), alternating in three rounds;
 3. N warm instances of a no-op function at once: incremental PSS per instance
    (``/proc/PID/smaps_rollup``), against a fresh interpreter's PSS;
 4. a burst of 200 concurrent requests at a cold function with ``max`` 4: instances started and
@@ -42,6 +42,8 @@ import uvloop
 
 NOOP = "def handle(event, context):\n    return 'ok'\n"
 PASSWORD = "bench-password"
+WARM_ROUNDS = 3
+"""Warm hits are measured against the ceiling this many times, alternating."""
 CEILING = """
 import sys, uvloop, asyncio
 from aiohttp import web
@@ -263,8 +265,9 @@ async def run(quick: bool, instances: int) -> None:
             async with aiohttp.ClientSession() as session:
                 await gateway.deploy(session, "noop", NOOP, {"com.openfaas.scale.min": "1"})
             seconds = 2.0 if quick else 5.0
-            warm = warm_p50(f"{gateway.url}/function/noop", rounds * 20, seconds)
-            bare = warm_p50(f"http://127.0.0.1:{ceiling_port}/function/noop", rounds * 20, seconds)
+            pairs = [(warm_p50(f"{gateway.url}/function/noop", rounds * 20, seconds),
+                      warm_p50(f"http://127.0.0.1:{ceiling_port}/function/noop", rounds * 20, seconds))
+                     for _ in range(WARM_ROUNDS)]  # interleaved: both see the same drift of the machine
             started, by_status, retry_after = await burst(gateway, 200)
         finally:
             gateway.stop()
@@ -277,8 +280,11 @@ async def run(quick: bool, instances: int) -> None:
     print(f"  cold start is {percentile(fresh, .5) / percentile(cold, .5):.1f}x faster "
           f"(back to back: {percentile(fresh, .5) / percentile(back_to_back, .5):.1f}x)")
     generator = "wrk, c=1" if shutil.which("wrk") else "an aiohttp client; install wrk to measure as bench/http.py does"
-    print(f"warm hit through the gateway ({generator}): p50 {warm * 1e6:.0f} us; bare aiohttp ceiling: "
-          f"p50 {bare * 1e6:.0f} us; added {(warm - bare) * 1e6:.0f} us")
+    warm, bare = statistics.median(w for w, _ in pairs), statistics.median(b for _, b in pairs)
+    added = statistics.median(w - b for w, b in pairs)
+    print(f"warm hit through the gateway ({generator}, median of {WARM_ROUNDS} interleaved rounds): p50 "
+          f"{warm * 1e6:.0f} us; bare aiohttp ceiling: p50 {bare * 1e6:.0f} us; added {added * 1e6:.0f} us "
+          f"(per round: {', '.join(f'{(w - b) * 1e6:.0f}' for w, b in pairs)})")
     print(f"burst of 200 at a cold function with max 4: {started} instances started; answers {by_status}"
           f" ({retry_after} of the 429s carry Retry-After)")
     per_instance, fresh_pss, count = await density(instances)
