@@ -293,3 +293,26 @@ async def test_memory_growth_is_reported_after_a_slow_invocation_and_every_few_q
     before = cvm.peak_rss
     await intravisor.invoke(cvm, Invocation(body=b"big"))
     assert cvm.peak_rss >= before + (64 << 20)
+
+
+async def test_each_invocation_gets_the_output_it_printed_quick_or_slow(
+        intravisor: Intravisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quick reply is read while the event loop waits, a slow one through it: either way the
+    output printed before it is that invocation's, not the next one's."""
+    import capfaas.core.intravisor as intravisor_module
+
+    monkeypatch.setattr(intravisor_module, "REPLY_SPIN", 0.015)  # wide: "quick" must not depend on this machine
+    cvm = await intravisor.create(write_function(tmp_path, "talker", """
+        import time
+        def handle(event, context):
+            print("said", event.text)
+            if event.text.startswith("slow"):
+                time.sleep(0.03)
+            return ""
+    """))
+    directly = set()
+    for text in ("quick 1", "quick 2", "slow 1", "quick 3", "slow 2", "slow 3", "quick 4"):
+        result = await intravisor.invoke(cvm, Invocation(body=text.encode()))
+        assert result.stdout == f"said {text}\n".encode(), (text, result.stdout)
+        directly.add(cvm.answered_directly)
+    assert directly == {True, False}  # both ways were taken

@@ -77,13 +77,16 @@ class Console:
             self.loop.remove_reader(stream.fd)
             self.pending.unregister(stream.fd)
 
-    def take(self) -> tuple[bytes, bytes]:
+    def take(self, settled: bool = False) -> tuple[bytes, bytes]:
         """What each stream got since the last take. One poll, rather than a read per stream,
-        finds out whether anything is still in the pipes: usually nothing is."""
-        for fd, _ in self.pending.poll(0):
-            for stream in self.streams:
-                if stream.fd == fd:
-                    self._readable(stream)
+        finds out whether anything is still in the pipes: usually nothing is. ``settled``: the
+        event loop has watched the pipes since the cVM last wrote to them (its reply came through
+        the loop, after its output), so they were read already and need no poll."""
+        if not settled:
+            for fd, _ in self.pending.poll(0):
+                for stream in self.streams:
+                    if stream.fd == fd:
+                        self._readable(stream)
         stdout, stderr = self.streams
         return stdout.take(), stderr.take()
 

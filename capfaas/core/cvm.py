@@ -60,6 +60,9 @@ class CVM:
     """Why the intravisor stopped this cVM for breaking a capability rule, if it did."""
     reply_seconds: float = 0.0
     """How long the cVM took to answer its last invocation (one at a time)."""
+    answered_directly: bool = False
+    """Whether its last reply was read straight from the socket while the event loop waited:
+    output it wrote before that reply may still be in the console's pipes."""
     in_flight: int = 0
     """Invocations handed to this cVM and not yet released by whoever acquired it (the pool's count)."""
     busy: int = 0
@@ -128,6 +131,7 @@ class CVM:
                 early = self._next_message()
                 if early is not None and not is_request(early):
                     self.reply_seconds = time.perf_counter() - sent
+                    self.answered_directly = True
                     return early
         watched = deadlines.watch(deadline, self.expire)
         try:
@@ -200,11 +204,14 @@ class CVM:
 
     async def receive(self) -> dict[str, Any]:
         """The next message from the cVM; ChannelClosed at end of stream."""
+        directly = True
         while True:
             message = self._next_message()
             if message is not None:
+                self.answered_directly = directly
                 return message
             self._feed(await self.process.reader.read(1 << 20))
+            directly = False
 
     def _next_message(self) -> dict[str, Any] | None:
         """The next message already received whole, if any."""

@@ -339,7 +339,7 @@ class Intravisor:
         finally:
             self._running -= 1
         self.broker.end_invocation(cvm, top_level)
-        result.stdout, result.stderr = cvm.process.console.take()
+        result.stdout, result.stderr = cvm.process.console.take(settled=not cvm.answered_directly)
         result.duration = time.monotonic() - started
         if self._invoke_hooks:
             self.pm.hook.capfaas_after_invoke(spec=cvm.spec, invocation_id=invocation.id,
