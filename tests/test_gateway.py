@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,8 @@ async def test_function_lifecycle(gw: Any) -> None:
     assert seen["query"] == {"a": "1", "b": "two"} and seen["body"] == "hello"
     assert seen["headers"]["X-Custom"] == "yes"
     assert re.fullmatch(r"[0-9a-f-]{36}", response.headers["X-Call-Id"])
+    call_id = uuid.UUID(response.headers["X-Call-Id"])
+    assert (call_id.version, call_id.variant) == (4, uuid.RFC_4122)
     assert int(response.headers["X-Start-Time"]) / 1e9 == pytest.approx(time.time(), abs=60)
     assert float(response.headers["X-Duration-Seconds"]) >= 0
     for method in ("GET", "PUT", "DELETE", "PATCH"):

@@ -11,6 +11,7 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from .async_calls import AsyncCalls, header_text
 from .capfiles import declared_files
 from .streaming import invoke_streaming
 from .logs import LogStore
-from .metrics import Metrics
+from .metrics import FunctionMeter, Metrics
 from .openapi import openapi_document
 from .sequences import sequence_handler, stages_of
 from .service import FunctionService
@@ -421,11 +422,15 @@ _scopes = itertools.count(1)
 _random = random.Random()
 
 
+_UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_UUID4_SET = (0x4 << 76) | (0x2 << 62)
+"""The version (4) and variant (RFC 4122) bits of a random UUID."""
+
+
 def _new_call_id() -> str:
     """A random UUID (version 4) for X-Call-Id, without uuid4()'s system call per request."""
-    digits = f"{_random.getrandbits(128):032x}"
-    return (f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{'89ab'[int(digits[16], 16) & 3]}{digits[17:20]}"
-            f"-{digits[20:32]}")
+    digits = f"{_random.getrandbits(128) & _UUID_CLEAR | _UUID4_SET:032x}"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
 def _invocation_headers(request: web.Request) -> dict[str, str]:
@@ -472,8 +477,6 @@ async def _read_prefix(request: web.Request, limit: int) -> tuple[bytes, bool]:
 
     Read before an instance is taken, so a client slow to send a small body holds no instance.
     """
-    if not request.body_exists:  # a GET, or no body announced: nothing to wait for
-        return b"", True
     length = request.content_length
     if length is not None:
         if length <= limit:
@@ -564,7 +567,9 @@ async def invoke_function(request: web.Request) -> web.StreamResponse:
         return _text(413, f"request body of {request.content_length} bytes is larger than the "
                           f"{gateway.settings.max_body}-byte maximum")
     try:
-        if request.content.is_eof() and (request.content_length or 0) <= INLINE_LIMIT:
+        if not request.body_exists:  # a GET, or no body announced: nothing to read
+            prefix, complete = b"", True
+        elif request.content.is_eof() and (request.content_length or 0) <= INLINE_LIMIT:
             prefix, complete = await _read_prefix(request, INLINE_LIMIT)  # all here already: no wait
         else:
             async with asyncio.timeout(gateway.settings.body_timeout):
@@ -582,10 +587,19 @@ async def invoke_function(request: web.Request) -> web.StreamResponse:
         response = await _respond(request, gateway, deployed, result, call_id, start_time, cold)
         return response
     finally:
-        if type(response) is web.Response:  # its own copy of the body, sent once we return: release after
-            asyncio.get_running_loop().call_soon(deployed.pool.release, cvm)
-        else:  # a view of the cVM's memory, already written, or nothing to send
-            deployed.pool.release(cvm)
+        finished = (deployed.pool.release, cvm, gateway.metrics.meter(name), result.duration, response)
+        if type(response) is web.Response:  # its own copy of the body, sent once we return: count after
+            asyncio.get_running_loop().call_soon(_finished, *finished)
+        else:  # a view of the cVM's memory, already written, or nothing sent
+            _finished(*finished)
+
+
+def _finished(release: Callable[[Any], None], cvm: Any, meter: FunctionMeter, seconds: float,
+              response: web.StreamResponse | None) -> None:
+    """The bookkeeping of an answered invocation: its instance given back, its figures counted."""
+    release(cvm)
+    if response is not None:
+        meter.finished(str(response.status), seconds, response.content_length or 0)
 
 
 async def _acquire(gateway: Gateway, name: str) -> tuple[Any, Any, bool] | web.Response:
@@ -712,7 +726,6 @@ async def _respond(request: web.Request, gateway: Gateway, deployed: Any, result
     headers.update({"X-Call-Id": call_id, "X-Start-Time": str(int(start_time * 1e9)),
                     "X-Duration-Seconds": f"{result.duration:.6f}", "X-Served-By": "capfaas",
                     "X-Cold-Start": "1" if cold else "0"})
-    gateway.metrics.meter(name).finished(str(status), result.duration, len(body))
     if result.stream is not None and result.outcome == "ok" and status == result.status:
         return await _respond_streaming(request, gateway, name, result, status, headers)
     if isinstance(body, bytes):  # the gateway's own copy (small results come inline): aiohttp sends it
