@@ -442,28 +442,26 @@ def _function_headers(headers: dict[str, str]) -> dict[str, str] | None:
     """The function's response headers without hop-by-hop ones; None when one cannot be sent."""
     out = {}
     for item in headers.items():
-        kept = _checked_headers.get(item)
-        if kept is None:
-            kept = _check_header(*item)
-        if kept is False:
+        verdict = _header_verdicts.get(item) or _judge_header(*item)
+        if verdict == "invalid":
             return None
-        if kept:
+        if verdict == "send":
             out[item[0]] = item[1]
     return out
 
 
-_checked_headers: dict[tuple[str, str], bool | None] = {}
+_header_verdicts: dict[tuple[str, str], str] = {}
 """Verdicts on header lines functions sent (most send the same few again and again)."""
 
 
-def _check_header(key: str, value: str) -> bool | None:
-    """True to send the header, None to leave it out (hop-by-hop), False if it is not valid HTTP."""
+def _judge_header(key: str, value: str) -> str:
+    """``send``, ``drop`` (hop-by-hop: the connection is the gateway's) or ``invalid`` HTTP."""
     if not _TOKEN.fullmatch(key) or _CONTROL.search(value):
-        verdict: bool | None = False
+        verdict = "invalid"
     else:
-        verdict = None if key.lower() in _HOP_BY_HOP else True
-    if len(_checked_headers) < 4096 and len(value) <= 256:  # bounded: values may differ every time
-        _checked_headers[key, value] = verdict
+        verdict = "drop" if key.lower() in _HOP_BY_HOP else "send"
+    if len(_header_verdicts) < 4096 and len(value) <= 256:  # bounded: values may differ every time
+        _header_verdicts[key, value] = verdict
     return verdict
 
 
