@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from .handlers import (CallResult, Context, Event, FunctionCallError, HandlerRes
                        StreamCall, StreamedEvent, adapt, streamed_response)
 from .ring import RingReader, RingWriter
 from .spec import FunctionSpec
+from .spin import spin_until_readable
 
 INLINE_LIMIT = 64 << 10
 """Bodies up to this size travel inside the control message; larger ones as capabilities."""
@@ -122,7 +124,7 @@ def load_handler(spec: FunctionSpec) -> Any:
     return handler
 
 
-def _packed(pack: Any, reply: dict[str, Any]) -> bytes:
+def _packed(pack: Callable[[dict[str, Any]], bytes], reply: dict[str, Any]) -> bytes:
     """The reply on the wire, or an error reply when the function's result cannot be sent."""
     try:
         return pack(reply)
@@ -216,20 +218,13 @@ class Runtime:
         while True:
             for message in unpacker:
                 return message
-            if self._quick and self._readable is not None:
-                self._await_quickly()
+            if self._quick and self._readable is not None:  # see QUICK_GAP
+                spin_until_readable(self._readable, self._sent_at + QUICK_GAP)
             data = self.sock.recv(RECEIVE_SIZE)
             self._quick = time.perf_counter() - self._sent_at < QUICK_GAP
             if not data:
                 return None
             unpacker.feed(data)
-
-    def _await_quickly(self) -> None:
-        """Busy-wait up to QUICK_GAP for the next message (see there)."""
-        assert self._readable is not None
-        deadline = self._sent_at + QUICK_GAP
-        while not self._readable.poll(0) and time.perf_counter() < deadline:
-            pass
 
     def start(self, handler_loader: Any) -> Any:
         """Load the function; report ``ready`` or, with file and line, why it cannot run."""

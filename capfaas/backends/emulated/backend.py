@@ -16,6 +16,7 @@ from capfaas.core.console import Console, console_pipes
 from capfaas.core.backend import (Availability, Backend, BackendError, CVMProcess, LaunchRequest, TemplateFailed,
                                   TemplateProcess)
 from capfaas.core.spec import FunctionSpec
+from capfaas.core.spin import spin_until_readable
 
 from . import memory
 
@@ -56,10 +57,8 @@ class EmulatedProcess(CVMProcess):
     def read_reply(self, seconds: float) -> bytes | memoryview | None:
         if self.reader._buffer:  # noqa: SLF001 -- bytes the event loop already read come first
             return None
-        deadline = time.perf_counter() + seconds
-        while not self._readable.poll(0):
-            if time.perf_counter() >= deadline:
-                return None
+        if not spin_until_readable(self._readable, time.perf_counter() + seconds):
+            return None
         try:
             received = os.readv(self._control_fd, [self._spin_buffer])
         except BlockingIOError:
