@@ -11,7 +11,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -554,11 +554,32 @@ def _retire(gateway: Gateway, pool: Any, cvm: Any, reason: str) -> None:
     task.add_done_callback(done)
 
 
+@dataclass(slots=True)
+class Call:
+    """An invocation as it came over HTTP, whichever front end read it (aiohttp or ``fastpath``)."""
+
+    name: str
+    call_id: str
+    method: str
+    path: str
+    """What follows ``/function/{name}``, with its leading slash."""
+    query: dict[str, str]
+    headers: dict[str, str]
+    """The request's headers as the function sees them."""
+    start_time: float
+
+
+def call_id_of(header: str | None) -> str:
+    """The client's X-Call-Id, or a new one."""
+    return header_text(header or "") or _new_call_id()
+
+
 async def invoke_function(request: web.Request) -> web.StreamResponse:
     gateway = _gateway(request)
     name = request.match_info["name"]
-    call_id = header_text(request.headers.get("X-Call-Id") or "") or _new_call_id()
-    start_time = time.time()
+    call = Call(name, call_id_of(request.headers.get("X-Call-Id")), request.method,
+                "/" + request.match_info.get("path", ""), dict(request.query) if request.query_string else {},
+                _invocation_headers(request), time.time())
     if gateway.service.get(name) is None:
         return _text(404, f"function {name!r} not found")
     if request.content_length is not None and request.content_length > gateway.settings.max_body:
@@ -576,28 +597,30 @@ async def invoke_function(request: web.Request) -> web.StreamResponse:
         return _text(408, f"the request body did not arrive within {gateway.settings.body_timeout:g} s")
     except (ConnectionError, asyncio.IncompleteReadError, HttpProcessingError):
         return _text(400, "the client closed the connection before sending the whole body")
-    outcome = await _run(request, gateway, name, call_id, prefix, complete)
+    outcome = await run_call(gateway, call, prefix, complete, request)
     if isinstance(outcome, web.StreamResponse):
         return outcome
     deployed, result, cold, cvm = outcome
     response = None
     try:
-        response = await _respond(request, gateway, deployed, result, call_id, start_time, cold)
+        response = await _respond(request, gateway, call, answer(gateway, deployed, call, result, cold), result)
         return response
     finally:
-        finished = (deployed.pool.release, cvm, gateway.metrics.meter(name), result.duration, response)
+        finished = (deployed.pool.release, cvm, gateway.metrics.meter(name), result.duration,
+                    None if response is None else response.status, response and response.content_length)
         if type(response) is web.Response:  # its own copy of the body, sent once we return: count after
-            asyncio.get_running_loop().call_soon(_finished, *finished)
+            asyncio.get_running_loop().call_soon(finished_call, *finished)
         else:  # a view of the cVM's memory, already written, or nothing sent
-            _finished(*finished)
+            finished_call(*finished)
 
 
-def _finished(release: Callable[[Any], None], cvm: Any, meter: FunctionMeter, seconds: float,
-              response: web.StreamResponse | None) -> None:
-    """The bookkeeping of an answered invocation: its instance given back, its figures counted."""
+def finished_call(release: Callable[[Any], None], cvm: Any, meter: FunctionMeter, seconds: float,
+                  status: int | None, length: int | None) -> None:
+    """The bookkeeping of an answered invocation: its instance given back, its figures counted
+    (``status`` None: nothing was sent)."""
     release(cvm)
-    if response is not None:
-        meter.finished(str(response.status), seconds, response.content_length or 0)
+    if status is not None:
+        meter.finished(str(status), seconds, length or 0)
 
 
 async def _acquire(gateway: Gateway, name: str) -> tuple[Any, Any, bool] | web.Response:
@@ -623,8 +646,11 @@ async def _acquire(gateway: Gateway, name: str) -> tuple[Any, Any, bool] | web.R
             return _text(502, f"function {name!r} could not start an instance: {exc}")
 
 
-async def _run(request: web.Request, gateway: Gateway, name: str, call_id: str, prefix: bytes,
-               complete: bool) -> tuple[Any, Result, bool, Any] | web.StreamResponse:
+async def run_call(gateway: Gateway, call: Call, prefix: bytes, complete: bool,
+                   request: web.Request | None) -> tuple[Any, Result, bool, Any] | web.StreamResponse:
+    """Acquire an instance, read the rest of the body (from ``request``, unless ``complete``) and
+    invoke; the outcome, or the error response that ends the call."""
+    name, call_id = call.name, call.call_id
     started = time.monotonic()
     scope = f"{call_id}#{next(_scopes)}"  # the client chooses X-Call-Id: this is ours alone
     acquired = await _acquire(gateway, name)
@@ -637,9 +663,11 @@ async def _run(request: web.Request, gateway: Gateway, name: str, call_id: str, 
         gateway.metrics.observe("capfaas_start_seconds", time.monotonic() - started, function_name=name)
     body: Any = prefix
     length: int | None = None
-    streamed = not complete and request.content_length is None and gateway.intravisor.broker.can_map(cvm)
+    streamed = not complete and request is not None and request.content_length is None \
+        and gateway.intravisor.broker.can_map(cvm)
     try:
         if not complete and not streamed:
+            assert request is not None
             async with asyncio.timeout(gateway.settings.body_timeout):
                 shared_as = scope if "sequence" in deployed.info.record.extra else None
                 body, length = await _read_rest(request, gateway, cvm, prefix, shared_as)
@@ -662,13 +690,12 @@ async def _run(request: web.Request, gateway: Gateway, name: str, call_id: str, 
     meter.started[0] += 1
     meter.bytes_in[0] += length or len(body)
     deployed.invocations += 1
-    invocation = Invocation(method=request.method, path="/" + request.match_info.get("path", ""),
-                            query=dict(request.query) if request.query_string else {},
-                            headers=_invocation_headers(request),
+    invocation = Invocation(method=call.method, path=call.path, query=call.query, headers=call.headers,
                             body=body, length=length, id=call_id, root=scope)
     gateway.in_flight += 1
     try:
         if streamed:
+            assert request is not None
             result = await invoke_streaming(gateway, cvm, invocation, request, prefix)
             if isinstance(result, web.StreamResponse):
                 pool.release(cvm)
@@ -701,9 +728,21 @@ _ERROR_TITLES = {"error": "the handler raised an exception", "timeout": "the fun
                  "crashed": "the function's instance crashed", "fault": "the function broke a capability rule"}
 
 
-async def _respond(request: web.Request, gateway: Gateway, deployed: Any, result: Result, call_id: str,
-                   start_time: float, cold: bool) -> web.StreamResponse:
+@dataclass(slots=True)
+class Answer:
+    """What an invocation's response is to be: its body is bytes (the gateway's own copy), a view
+    of the cVM's memory, or ``stream`` when the function streams it."""
+
+    status: int
+    headers: dict[str, str]
+    body: Any
+    streamed: bool
+
+
+def answer(gateway: Gateway, deployed: Any, call: Call, result: Result, cold: bool) -> Answer:
+    """The response to an invocation's result (its output logged, its fault counted)."""
     name = deployed.spec.name
+    call_id = call.call_id
     if result.stdout or result.stderr:
         gateway.logs.add(name, call_id, result.stdout + result.stderr)
     if result.outcome == "fault":
@@ -721,11 +760,29 @@ async def _respond(request: web.Request, gateway: Gateway, deployed: Any, result
         body = json.dumps({"error": "the function's response cannot be sent", "type": problem[0],
                            "message": f"function {name!r} {problem[1]}", "call_id": call_id}).encode()
         headers = {"Content-Type": "application/json"}
-    headers.update({"X-Call-Id": call_id, "X-Start-Time": str(int(start_time * 1e9)),
+    headers.update({"X-Call-Id": call_id, "X-Start-Time": str(int(call.start_time * 1e9)),
                     "X-Duration-Seconds": f"{result.duration:.6f}", "X-Served-By": "capfaas",
                     "X-Cold-Start": "1" if cold else "0"})
-    if result.stream is not None and result.outcome == "ok" and status == result.status:
-        return await _respond_streaming(request, gateway, name, result, status, headers)
+    streamed = result.stream is not None and result.outcome == "ok" and status == result.status
+    return Answer(status, headers, body, streamed)
+
+
+async def _respond(request: web.Request, gateway: Gateway, call: Call, reply: Answer,
+                   result: Result) -> web.StreamResponse:
+    status, headers, body = reply.status, reply.headers, reply.body
+    if reply.streamed:
+        response = web.StreamResponse(status=status, headers=headers)
+        response.enable_chunked_encoding()
+        try:
+            await response.prepare(request)
+        except ConnectionError as exc:
+            await result.stream.abandon(f"its streamed response broke off: {exc}")
+            return response
+        if await relay_stream(gateway, call, result.stream, response.write):
+            await response.write_eof()
+        elif request.transport is not None:
+            request.transport.abort()
+        return response
     if isinstance(body, bytes):  # the gateway's own copy (small results come inline): aiohttp sends it
         return web.Response(status=status, headers=headers, body=body)
     # a view of the cVM's memory: written before the instance is given back (the caller's finally)
@@ -735,37 +792,39 @@ async def _respond(request: web.Request, gateway: Gateway, deployed: Any, result
     if request.method == "HEAD" or status in (204, 304):  # no body may follow these
         await response.write_eof()
         return response
-    if len(body) <= 1 << 16:  # fits the transport's buffer: the write cannot stall
-        await response.write(body)  # straight from shared memory when the result came as a capability
+    if await relay_view(gateway, body, response.write):
         await response.write_eof()
-        return response
-    view = memoryview(body)
-    try:
-        for offset in range(0, len(view), _SLICE):  # a reader that stalls must not hold the instance
-            async with asyncio.timeout(gateway.settings.body_timeout):
-                await response.write(view[offset:offset + _SLICE])
-        async with asyncio.timeout(gateway.settings.body_timeout):
-            await response.write_eof()
-    except TimeoutError:
-        if request.transport is not None:
-            request.transport.abort()
-    finally:
-        view.release()
+    elif request.transport is not None:
+        request.transport.abort()
     return response
 
 
-async def _respond_streaming(request: web.Request, gateway: Gateway, name: str, result: Result, status: int,
-                             headers: dict[str, str]) -> web.StreamResponse:
-    """A streamed body, sent chunked as the function writes it; a stream that breaks off (the
-    generator raised, the time ran out) aborts the connection, so the client sees it incomplete."""
-    stream = result.stream
-    response = web.StreamResponse(status=status, headers=headers)
-    response.enable_chunked_encoding()
+async def relay_view(gateway: Gateway, body: Any, write: Callable[[Any], Awaitable[None]]) -> bool:
+    """Send a view of a cVM's memory with ``write``, straight from it; False when the client
+    stalled past ``body_timeout`` (the caller drops the connection: the instance must not wait)."""
+    if len(body) <= 1 << 16:  # fits the transport's buffer: the write cannot stall
+        await write(body)
+        return True
+    view = memoryview(body)
     try:
-        await response.prepare(request)
+        for offset in range(0, len(view), _SLICE):
+            async with asyncio.timeout(gateway.settings.body_timeout):
+                await write(view[offset:offset + _SLICE])
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        view.release()
+
+
+async def relay_stream(gateway: Gateway, call: Call, stream: Any, write: Callable[[bytes], Awaitable[None]]) -> bool:
+    """Send a streamed body chunk by chunk as the function writes it; False when it broke off (the
+    generator raised, the time ran out, a stalled reader): the caller drops the connection, so the
+    client sees the body incomplete."""
+    try:
         async for chunk in stream.chunks():
             async with asyncio.timeout(gateway.settings.body_timeout):  # a stalled reader frees the instance
-                await response.write(chunk)
+                await write(chunk)
         error = await stream.finish()
     except (StreamFailed, TimeoutError, ConnectionError) as exc:
         await stream.abandon(f"its streamed response broke off: {exc}")
@@ -774,12 +833,9 @@ async def _respond_streaming(request: web.Request, gateway: Gateway, name: str, 
         await asyncio.shield(stream.abandon("the client went away during its streamed response"))
         raise
     if error:
-        gateway.logs.add(name, headers["X-Call-Id"], f"the streamed response broke off: {error.get('message')}".encode())
-        if request.transport is not None:
-            request.transport.abort()
-        return response
-    await response.write_eof()
-    return response
+        gateway.logs.add(call.name, call.call_id, f"the streamed response broke off: {error.get('message')}".encode())
+        return False
+    return True
 
 
 async def invoke_async(request: web.Request) -> web.Response:
