@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 
 from capfaas.gateway.app import Gateway, Settings, create_app
+from capfaas.gateway.fastpath import GatewayRunner
 from capfaas.gateway.server import close_gateway, open_gateway
 
 PASSWORD = "test-admin-password-0123456789"
@@ -42,6 +43,13 @@ def deployment(name: str, source: str, *, module: str = "handler.py", **fields: 
     return {"service": name, "code": code_field, **fields}
 
 
+class GatewayTestServer(TestServer):
+    """aiohttp's test server with the runner `capfaas serve` uses (invocations on the fast path)."""
+
+    async def _make_runner(self, **kwargs: Any) -> GatewayRunner:
+        return GatewayRunner(self.app, **kwargs)
+
+
 @contextlib.asynccontextmanager
 async def running_gateway(state_dir: Path, **options: Any) -> AsyncIterator[tuple[Gateway, TestClient]]:
     """A gateway (emulated backend) served on 127.0.0.1 by aiohttp's test server, as `serve` runs it."""
@@ -52,7 +60,7 @@ async def running_gateway(state_dir: Path, **options: Any) -> AsyncIterator[tupl
     if backoff is not None:
         assert gateway.async_calls is not None
         gateway.async_calls.backoff = backoff
-    server = TestServer(create_app(gateway), host="127.0.0.1", handler_cancellation=True)
+    server = GatewayTestServer(create_app(gateway), host="127.0.0.1", handler_cancellation=True)
     client = TestClient(server)
     try:
         await client.start_server()

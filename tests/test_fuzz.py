@@ -79,6 +79,7 @@ class LiveGateway:
         from aiohttp import web
 
         from capfaas.gateway.app import Settings, create_app
+        from capfaas.gateway.fastpath import GatewayRunner
         from capfaas.gateway.server import close_gateway, deploy_directory, open_gateway
 
         self._loop = asyncio.get_running_loop()
@@ -87,7 +88,7 @@ class LiveGateway:
         gateway = await open_gateway(settings, "emulated")
         try:
             await deploy_directory(gateway, FUNCTIONS)
-            runner = web.AppRunner(create_app(gateway), access_log=None, handler_cancellation=True,
+            runner = GatewayRunner(create_app(gateway), access_log=None, handler_cancellation=True,
                                    shutdown_timeout=5.0)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -21,6 +21,7 @@ from capfaas.registry import Registry
 
 from .app import Gateway, Settings, _acquire, _error_body, _retire, create_app
 from .async_calls import AsyncCalls, Queued
+from .fastpath import GatewayRunner
 from .logs import LogStore
 from .metrics import gateway_metrics
 from .service import FunctionService
@@ -117,7 +118,7 @@ async def serve(settings: Settings, host: str, port: int, backend: str, deploy: 
             if names:
                 log.warning("deployed from %s: %s", directory, ", ".join(names))
         app = create_app(gateway)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=DRAIN_SECONDS)
+        runner = GatewayRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=DRAIN_SECONDS)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
         await site.start()

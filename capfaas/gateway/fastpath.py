@@ -1,0 +1,418 @@
+"""Invocations answered straight off the socket; every other request is aiohttp's.
+
+aiohttp's per-request machinery (request, response and header objects, routing, middleware)
+costs more CPU than a no-op invocation itself. So each connection starts with an
+``InvocationProtocol``: httptools parses its requests, and a plain, complete invocation
+(``/function/{name}[/path]`` over HTTP/1.1, a body of at most ``INLINE_LIMIT`` bytes framed by
+Content-Length, all of it already arrived) is answered by the same code the aiohttp route runs
+(``run_call``, ``answer``, ``relay_view``, ``relay_stream``), with the same statuses and headers.
+
+Anything else (another route, HTTP/1.0, HEAD, a large or chunked body, ``Expect``, an upgrade, a
+percent-encoded path or query, a head or body still on its way, malformed HTTP) hands the
+connection over to aiohttp's ``RequestHandler`` with the bytes from the start of that request,
+once the answers under way are sent. aiohttp serves the connection from then on, so routing,
+limits, slow clients and error statuses stay aiohttp's.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import time
+from collections import deque
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, cast
+
+import httptools
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from capfaas.core.runtime import INLINE_LIMIT
+
+from .app import (STATE, Answer, Call, Gateway, _text, answer, call_id_of, finished_call, header_text, relay_stream,
+                  relay_view, run_call)
+
+log = logging.getLogger("capfaas.gateway")
+
+MAX_HEAD = 8 << 10
+MAX_HEADERS = 100
+"""A request with a longer head, or more header lines, goes to aiohttp, which applies its limits."""
+MAX_PIPELINED = 16
+"""Complete requests waiting for their turn on one connection before it stops reading."""
+_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE"})
+_PREFIX = b"/function/"
+_LEFT_TO_AIOHTTP = re.compile(rb"[%;#]|/\.|//")
+"""Marks in a URL whose decoding or normalising is aiohttp's."""
+_HIDDEN = frozenset({b"authorization", b"host", b"connection"})
+"""Request headers a function does not see (as ``app._invocation_headers``)."""
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
+class _HandOver(Exception):
+    """Raised inside the parser: this request is aiohttp's."""
+
+
+class InvocationProtocol(asyncio.Protocol):
+    """One client connection, until it hands itself over to aiohttp."""
+
+    def __init__(self, front: FrontDoor) -> None:
+        self._front = front
+        self._gateway: Gateway = front.gateway
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._raw = b""
+        """The bytes from the start of the request being parsed: what aiohttp gets on a hand-over."""
+        self._in_message = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._head_size = 0
+        self._length = 0
+        self._ready: deque[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes, bool]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._handover: bytes | None = None
+        """Set when the connection is aiohttp's as soon as the answers under way are sent."""
+        self._closing = False
+        self._reading = True
+        self._writable: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._last_active = 0.0
+        self._idle: asyncio.TimerHandle | None = None
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+
+    # -- the connection ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not asyncio.Transport's subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._last_active = self._loop.time()
+        self._idle = self._loop.call_at(self._last_active + self._gateway.settings.keepalive_timeout, self._check_idle)
+        self._front.opened(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._task is not None:  # the client left mid-invocation: its instance is retired (see run_call)
+            self._task.cancel()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_exception(ConnectionResetError("the client closed the connection"))
+        self._forget()
+
+    def _forget(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._front.forgot(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _check_idle(self) -> None:
+        """Close a connection idle for ``keepalive_timeout`` (a new one that never sent a request too)."""
+        timeout = self._gateway.settings.keepalive_timeout
+        now = self._loop.time()
+        if self._task is None and now - self._last_active >= timeout:
+            self._transport.close()
+            return
+        self._idle = self._loop.call_at(max(self._last_active, now) + timeout, self._check_idle)
+
+    def close_when_idle(self) -> None:
+        """Graceful shutdown: finish the answer under way, then close."""
+        self._closing = True
+        if self._task is None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    # -- parsing (httptools' callbacks) --------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._handover is not None:  # already aiohttp's, once the answers under way are sent
+            self._handover += data
+            return
+        self._raw = self._raw + data if self._raw else data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:  # not an invocation this protocol serves, or not valid HTTP
+            self._hand_over()
+            return
+        if self._in_message:  # a head or body still on its way: aiohttp waits for it, with its timeouts
+            self._hand_over()
+            return
+        self._raw = b""
+        if self._ready and self._task is None:
+            self._task = self._loop.create_task(self._serve())
+        if len(self._ready) > MAX_PIPELINED and self._reading:
+            self._reading = False
+            self._transport.pause_reading()
+
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._raw = self._raw.lstrip(b"\r\n")  # blank lines between requests, which the parser skips
+        self._url = b""
+        self._headers = []
+        self._body = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        url = self._url
+        if (parser.get_http_version() != "1.1" or parser.get_method() not in _METHODS or parser.should_upgrade()
+                or not url.startswith(_PREFIX) or not url.isascii() or _LEFT_TO_AIOHTTP.search(url)):
+            raise _HandOver
+        end = self._raw.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > MAX_HEAD or len(self._headers) > MAX_HEADERS:
+            raise _HandOver
+        length = 0
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                if not value.isdigit():
+                    raise _HandOver
+                length = int(value)
+            elif lowered in (b"transfer-encoding", b"expect", b"upgrade"):
+                raise _HandOver
+        if length > INLINE_LIMIT or length > self._gateway.settings.max_body:
+            raise _HandOver
+        self._head_size = end + 4
+        self._length = length
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        self._raw = self._raw[self._head_size + self._length:]
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._ready.append((self._parser.get_method(), self._url, self._headers, body,
+                            self._parser.should_keep_alive()))
+
+    def _hand_over(self) -> None:
+        self._handover, self._raw = self._raw, b""
+        if self._task is None and not self._ready:
+            self._give_to_aiohttp()
+            return
+        if self._reading:
+            self._reading = False
+            self._transport.pause_reading()
+        if self._task is None:  # requests before this one came in the same read: answered first
+            self._task = self._loop.create_task(self._serve())
+
+    def _give_to_aiohttp(self) -> None:
+        data, self._handover = self._handover, None
+        transport = self._transport
+        self._forget()
+        handler = self._front.aiohttp_handler()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if not self._reading:
+            transport.resume_reading()
+        if data:
+            handler.data_received(data)
+
+    # -- answering -------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        """Answer the complete requests in order, then hand over or close if that is due."""
+        try:
+            while self._ready and not self._transport.is_closing():
+                request = self._ready.popleft()
+                keep_alive = request[4] and not self._closing
+                try:
+                    await self._invoke(*request[:4], keep_alive)
+                except Exception:  # a bug of the gateway's: logged, and the connection dropped
+                    log.exception("error answering an invocation")
+                    self._transport.abort()
+                    return
+                if not keep_alive:
+                    self._transport.close()
+                    return
+        finally:
+            self._task = None
+            self._last_active = self._loop.time()
+        if self._transport.is_closing():
+            return
+        if self._handover is not None:
+            self._give_to_aiohttp()
+        elif self._closing:
+            self._transport.close()
+        elif not self._reading:
+            self._reading = True
+            self._transport.resume_reading()
+
+    def _call(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> Call:
+        target, _, query_text = url[len(_PREFIX):].decode("ascii").partition("?")
+        name, _, path = target.partition("/")
+        query: dict[str, str] = {}
+        if query_text:
+            for part in query_text.split("&"):
+                if part:
+                    key, _, value = part.replace("+", " ").partition("=")
+                    query.setdefault(key, value)
+        seen: dict[str, str] = {}
+        call_id = None
+        for raw_name, raw_value in headers:
+            lowered = raw_name.lower()
+            value = _text_of(raw_value.strip(b" \t"))
+            if lowered == b"x-call-id" and call_id is None:
+                call_id = value
+            if lowered not in _HIDDEN:
+                seen[raw_name.decode("latin-1")] = value
+        return Call(name, call_id_of(call_id), method.decode("ascii"), "/" + path, query, seen, time.time())
+
+    async def _invoke(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+                      keep_alive: bool) -> None:
+        gateway = self._gateway
+        call = self._call(method, url, headers)
+        if not call.name or gateway.service.get(call.name) is None:
+            self._send(_text(404, f"function {call.name!r} not found"), keep_alive)
+            return
+        outcome = await run_call(gateway, call, body, True, None)
+        if isinstance(outcome, web.Response):  # the call ended early: 429, 502 and the like
+            self._send(outcome, keep_alive)
+            return
+        assert isinstance(outcome, tuple)
+        deployed, result, cold, cvm = outcome
+        status = length = None
+        try:
+            reply = answer(gateway, deployed, call, result, cold)
+            length = await self._send_answer(reply, call, result, keep_alive)
+            status = reply.status
+        finally:
+            finished_call(deployed.pool.release, cvm, gateway.metrics.meter(call.name), result.duration, status, length)
+
+    async def _send_answer(self, reply: Answer, call: Call, result: Any, keep_alive: bool) -> int | None:
+        """Write the answer; the body's length, None when it was streamed."""
+        transport = self._transport
+        status, body = reply.status, reply.body
+        if reply.streamed:
+            transport.write(self._response_head(reply.status, reply.headers, None, keep_alive))
+            if await relay_stream(self._gateway, call, result.stream, self._write_chunk):
+                transport.write(b"0\r\n\r\n")
+            else:
+                transport.abort()
+            return None
+        if status in (204, 304):  # no body may follow these
+            transport.write(self._response_head(status, reply.headers, 0, keep_alive))
+            return 0
+        if isinstance(body, bytes):
+            transport.write(self._response_head(status, reply.headers, len(body), keep_alive) + body)
+            return len(body)
+        transport.write(self._response_head(status, reply.headers, len(body), keep_alive))
+        if not await relay_view(self._gateway, body, self._write):  # a view of the cVM's memory
+            transport.abort()
+        return len(body)
+
+    def _send(self, response: web.Response, keep_alive: bool) -> None:
+        body = response.body
+        assert isinstance(body, bytes)
+        self._transport.write(self._response_head(response.status, dict(response.headers), len(body), keep_alive) + body)
+
+    async def _write(self, data: Any) -> None:
+        self._transport.write(data)
+        if self._write_paused:
+            self._writable = self._loop.create_future()
+            await self._writable
+
+    async def _write_chunk(self, chunk: bytes) -> None:
+        if chunk:  # an empty chunk would end the body
+            await self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+
+    def _response_head(self, status: int, headers: dict[str, str], length: int | None, keep_alive: bool) -> bytes:
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"]
+        typed = False
+        for key, value in headers.items():
+            lines.append(f"{key}: {value}\r\n")
+            typed = typed or key.lower() == "content-type"
+        if not typed and length:
+            lines.append("Content-Type: application/octet-stream\r\n")
+        if length is None:
+            lines.append("Transfer-Encoding: chunked\r\n")
+        elif status not in (204, 304):
+            lines.append(f"Content-Length: {length}\r\n")
+        lines.append(f"Date: {_http_date()}\r\nServer: {SERVER_SOFTWARE}\r\n")
+        lines.append("\r\n" if keep_alive else "Connection: close\r\n\r\n")
+        return "".join(lines).encode()
+
+
+def _text_of(value: bytes) -> str:
+    """A header value as text, as aiohttp and ``header_text`` make it: UTF-8, else Latin-1."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return header_text(value.decode("latin-1"))
+
+
+_date_second = 0
+_date_text = ""
+
+
+def _http_date() -> str:
+    """The Date header's value, made once a second."""
+    global _date_second, _date_text
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date_text = now, formatdate(now, usegmt=True)
+    return _date_text
+
+
+class FrontDoor:
+    """What a site serves each new connection with: an ``InvocationProtocol``, in front of
+    aiohttp's ``Server``, which takes over the connections handed to it (and everything else)."""
+
+    def __init__(self, server: web.Server, gateway: Gateway) -> None:
+        self._server = server
+        self.gateway = gateway
+        self._open: set[InvocationProtocol] = set()
+
+    def __call__(self) -> InvocationProtocol:
+        return InvocationProtocol(self)
+
+    def __getattr__(self, name: str) -> Any:  # the rest of aiohttp's Server, for its runner
+        return getattr(self._server, name)
+
+    def aiohttp_handler(self) -> asyncio.Protocol:
+        return self._server()
+
+    def opened(self, protocol: InvocationProtocol) -> None:
+        self._open.add(protocol)
+
+    def forgot(self, protocol: InvocationProtocol) -> None:
+        self._open.discard(protocol)
+
+    def pre_shutdown(self) -> None:
+        for protocol in list(self._open):
+            protocol.close_when_idle()
+        self._server.pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Wait for the answers under way (as aiohttp does for its connections), then close."""
+        async def ours() -> None:
+            waiting = [protocol.closed for protocol in self._open]
+            if waiting:
+                await asyncio.wait(waiting, timeout=timeout)
+            for protocol in list(self._open):
+                protocol.abort()
+        await asyncio.gather(ours(), self._server.shutdown(timeout))
+
+
+class GatewayRunner(web.AppRunner):
+    """aiohttp's AppRunner, whose sites answer invocations with ``InvocationProtocol``."""
+
+    async def _make_server(self) -> Any:
+        return FrontDoor(await super()._make_server(), self.app[STATE])

@@ -1,0 +1,210 @@
+"""Invocations answered off the socket (gateway/fastpath.py), and connections handed to aiohttp.
+
+Each test speaks HTTP over a real socket to a gateway served as `capfaas serve` serves it, so it
+sees what a client sees: the same answers whichever front end serves a request, responses in
+order on one keep-alive connection, and the connection handed over intact.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .gateway_support import AUTH, FUNCTIONS, deploy, running_gateway
+
+ECHO = (FUNCTIONS / "echo.py").read_text()
+STREAMER = """
+def handle(event, context):
+    def parts():
+        for i in range(3):
+            yield f"part {i}\\n"
+    return {"statusCode": 200, "headers": {"Content-Type": "text/plain"}, "body": parts()}
+"""
+BIG = """
+def handle(event, context):
+    return b"x" * (3 << 20)
+"""
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection, read a response at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def response(self) -> tuple[int, dict[str, str], bytes]:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while size := int((await self.reader.readuntil(b"\r\n"))[:-2], 16):
+                body += (await self.reader.readexactly(size + 2))[:-2]
+            await self.reader.readexactly(2)
+        else:
+            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return int(status_line.split()[1]), headers, body
+
+    async def closed(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(1), 10) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def get(path: str, *extra: str, body: bytes = b"", method: str = "GET", version: str = "1.1") -> bytes:
+    lines = [f"{method} {path} HTTP/{version}", "Host: gateway", *extra]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> Any:
+    async with running_gateway(tmp_path / "state", keepalive_timeout=1.0) as (gw, client):
+        await deploy(client, "echo", ECHO)
+        yield gw, client
+
+
+def aiohttp_connections(client: Any) -> int:
+    """Connections aiohttp's own server holds: those handed over to it."""
+    return len(client.server.runner.server.connections)
+
+
+async def test_an_invocation_is_answered_without_aiohttp_and_another_route_hands_the_connection_over(
+        gateway: Any) -> None:
+    _, client = gateway
+    before = aiohttp_connections(client)  # the test client's own, used to deploy
+    connection = await Connection.open(client.server.port)
+    try:
+        connection.send(get("/function/echo/a/b?x=1&y=two+words", "X-Call-Id: call-1", body=b"hi", method="POST"))
+        status, headers, body = await connection.response()
+        assert status == 200 and headers["x-call-id"] == "call-1" and headers["x-served-by"] == "capfaas"
+        assert json.loads(body)["path"] == "/a/b" and json.loads(body)["query"] == {"x": "1", "y": "two words"}
+        assert aiohttp_connections(client) == before  # answered by the fast path
+        connection.send(get("/system/info", f"Authorization: {AUTH['Authorization']}"))
+        status, _, body = await connection.response()
+        assert status == 200 and json.loads(body)["provider"]["provider"] == "capfaas"
+        assert aiohttp_connections(client) == before + 1  # the same connection, now aiohttp's
+        connection.send(get("/function/echo", body=b"again", method="POST"))
+        status, _, body = await connection.response()
+        assert status == 200 and json.loads(body)["body"] == "again"
+    finally:
+        connection.close()
+
+
+async def test_both_front_ends_give_a_function_the_same_request(gateway: Any) -> None:
+    """The same request, once plain (fast path) and once as HTTP/1.0 (aiohttp's)."""
+    _, client = gateway
+    seen = []
+    for version in ("1.1", "1.0"):
+        connection = await Connection.open(client.server.port)
+        try:
+            connection.send(get("/function/echo/p?a=1&a=2&b=&c", "X-One: 1", "x-two: " + "été".encode().decode("latin-1"),
+                                "X-Bytes: caf\xe9", "Authorization: Basic c2VjcmV0", "Connection: keep-alive",
+                                body=b"payload", method="PUT", version=version))
+            status, headers, body = await connection.response()
+            assert status == 200
+            seen.append((json.loads(body), {k: v for k, v in headers.items() if k not in ("date", "x-call-id",
+                                                                                         "x-start-time", "x-duration-seconds", "x-cold-start",
+                                                                                         "connection", "keep-alive")}))
+        finally:
+            connection.close()
+    assert seen[0] == seen[1]
+    event = seen[0][0]
+    assert event["method"] == "PUT" and event["query"] == {"a": "1", "b": "", "c": ""}
+    assert event["headers"]["x-two"] == "été" and event["headers"]["X-Bytes"] == "caf\xe9"
+    assert "Authorization" not in event["headers"] and "Host" not in event["headers"]
+
+
+async def test_pipelined_requests_are_answered_in_order_across_a_hand_over(gateway: Any) -> None:
+    _, client = gateway
+    connection = await Connection.open(client.server.port)
+    try:
+        connection.send(get("/function/echo", body=b"1", method="POST") + get("/function/echo", body=b"2", method="POST")
+                        + get("/healthz") + get("/function/echo", body=b"3", method="POST"))
+        answers = [await connection.response() for _ in range(4)]
+        assert [status for status, _, _ in answers] == [200] * 4
+        assert [json.loads(answers[i][2])["body"] for i in (0, 1, 3)] == ["1", "2", "3"]
+        assert answers[2][2] == b"OK\n"
+    finally:
+        connection.close()
+
+
+async def test_a_request_arriving_in_pieces_is_served_whole(gateway: Any) -> None:
+    _, client = gateway
+    connection = await Connection.open(client.server.port)
+    try:
+        request = get("/function/echo", body=b"in pieces", method="POST")
+        for start in range(0, len(request), 7):
+            connection.send(request[start:start + 7])
+            await connection.writer.drain()
+            await asyncio.sleep(0.01)
+        status, _, body = await connection.response()
+        assert status == 200 and json.loads(body)["body"] == "in pieces"
+    finally:
+        connection.close()
+
+
+async def test_errors_come_as_through_aiohttp(gateway: Any) -> None:
+    _, client = gateway
+    connection = await Connection.open(client.server.port)
+    try:
+        connection.send(get("/function/nothing-here"))
+        status, headers, body = await connection.response()
+        assert status == 404 and b"'nothing-here' not found" in body and headers["content-type"].startswith("text/plain")
+        connection.send(b"GET /function/echo HTTP/1.1\r\nBad Header: x\r\n\r\n")
+        status, _, _ = await connection.response()
+        assert status == 400
+    finally:
+        connection.close()
+
+
+async def test_streamed_and_large_answers(gateway: Any) -> None:
+    _, client = gateway
+    await deploy(client, "streamer", STREAMER)
+    await deploy(client, "big", BIG)
+    before = aiohttp_connections(client)
+    connection = await Connection.open(client.server.port)
+    try:
+        connection.send(get("/function/streamer"))
+        status, headers, body = await connection.response()
+        assert status == 200 and headers["transfer-encoding"] == "chunked" and body == b"part 0\npart 1\npart 2\n"
+        connection.send(get("/function/big"))
+        status, headers, body = await connection.response()
+        assert status == 200 and body == b"x" * (3 << 20) and headers["content-type"] == "application/octet-stream"
+        assert aiohttp_connections(client) == before
+    finally:
+        connection.close()
+
+
+async def test_connection_close_and_idle_connections_are_closed(gateway: Any) -> None:
+    _, client = gateway
+    connection = await Connection.open(client.server.port)
+    try:
+        connection.send(get("/function/echo", "Connection: close"))
+        status, headers, _ = await connection.response()
+        assert status == 200 and headers["connection"] == "close"
+        assert await connection.closed()
+    finally:
+        connection.close()
+    connection = await Connection.open(client.server.port)
+    try:
+        connection.send(get("/function/echo"))
+        assert (await connection.response())[0] == 200
+        started = time.monotonic()
+        assert await connection.closed()  # after keepalive_timeout (1 s)
+        assert 0.8 < time.monotonic() - started < 5
+    finally:
+        connection.close()
