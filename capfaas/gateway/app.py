@@ -429,8 +429,8 @@ _UUID4_SET = (0x4 << 76) | (0x2 << 62)
 
 def _new_call_id() -> str:
     """A random UUID (version 4) for X-Call-Id, without uuid4()'s system call per request."""
-    digits = f"{_random.getrandbits(128) & _UUID_CLEAR | _UUID4_SET:032x}"
-    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+    digits = "%032x" % (_random.getrandbits(128) & _UUID_CLEAR | _UUID4_SET)
+    return "-".join((digits[:8], digits[8:12], digits[12:16], digits[16:20], digits[20:]))
 
 
 def _invocation_headers(request: web.Request) -> dict[str, str]:

@@ -172,8 +172,8 @@ class InvocationProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         url = self._url
-        if (parser.get_http_version() != "1.1" or parser.get_method() not in _METHODS or parser.should_upgrade()
-                or not url.startswith(_PREFIX) or not url.isascii() or _LEFT_TO_AIOHTTP.search(url)):
+        if (not url.startswith(_PREFIX) or _LEFT_TO_AIOHTTP.search(url) or not url.isascii()
+                or parser.get_method() not in _METHODS or parser.get_http_version() != "1.1" or parser.should_upgrade()):
             raise _HandOver
         end = self._raw.find(b"\r\n\r\n")
         if end < 0 or end + 4 > MAX_HEAD or len(self._headers) > MAX_HEADERS:
@@ -334,20 +334,15 @@ class InvocationProtocol(asyncio.Protocol):
             await self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
 
     def _response_head(self, status: int, headers: dict[str, str], length: int | None, keep_alive: bool) -> bytes:
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"]
-        typed = False
-        for key, value in headers.items():
-            lines.append(f"{key}: {value}\r\n")
-            typed = typed or key.lower() == "content-type"
-        if not typed and length:
-            lines.append("Content-Type: application/octet-stream\r\n")
+        lines = "".join([f"{key}: {value}\r\n" for key, value in headers.items()])
+        if length and "Content-Type" not in headers and not any(key.lower() == "content-type" for key in headers):
+            lines += "Content-Type: application/octet-stream\r\n"
         if length is None:
-            lines.append("Transfer-Encoding: chunked\r\n")
-        elif status not in (204, 304):
-            lines.append(f"Content-Length: {length}\r\n")
-        lines.append(f"Date: {_http_date()}\r\nServer: {SERVER_SOFTWARE}\r\n")
-        lines.append("\r\n" if keep_alive else "Connection: close\r\n\r\n")
-        return "".join(lines).encode()
+            framing = "Transfer-Encoding: chunked\r\n"
+        else:
+            framing = "" if status in (204, 304) else f"Content-Length: {length}\r\n"
+        end = "\r\n" if keep_alive else "Connection: close\r\n\r\n"
+        return f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n{lines}{framing}{_date_and_server()}{end}".encode()
 
 
 def _text_of(value: bytes) -> str:
@@ -359,16 +354,17 @@ def _text_of(value: bytes) -> str:
 
 
 _date_second = 0
-_date_text = ""
+_date_and_server_lines = ""
 
 
-def _http_date() -> str:
-    """The Date header's value, made once a second."""
-    global _date_second, _date_text
+def _date_and_server() -> str:
+    """The Date and Server header lines, made once a second."""
+    global _date_second, _date_and_server_lines
     now = int(time.time())
     if now != _date_second:
-        _date_second, _date_text = now, formatdate(now, usegmt=True)
-    return _date_text
+        _date_second = now
+        _date_and_server_lines = f"Date: {formatdate(now, usegmt=True)}\r\nServer: {SERVER_SOFTWARE}\r\n"
+    return _date_and_server_lines
 
 
 class FrontDoor:
