@@ -236,6 +236,15 @@ async def test_cvm_sees_only_its_own_region(intravisor: Intravisor, tmp_path: Pa
     assert seen["largest"] <= intravisor.region_size  # nothing mapped beyond its own region
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+async def test_cvms_run_as_batch_work_so_a_woken_one_does_not_preempt_the_gateway(intravisor: Intravisor,
+                                                                                 tmp_path: Path) -> None:
+    cvm = await intravisor.create(write_function(tmp_path, "healthy", HEALTHY))
+    assert os.sched_getscheduler(cvm.process.pid) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the gateway keeps the default policy
+    await assert_still_serving(intravisor, cvm)
+
+
 async def test_template_survives_and_reports_exits(intravisor: Intravisor, tmp_path: Path) -> None:
     cvm = await intravisor.create(write_function(tmp_path, "healthy", HEALTHY))
     os.kill(cvm.process.pid, signal.SIGKILL)
