@@ -142,6 +142,20 @@ async def test_pipelined_requests_are_answered_in_order_across_a_hand_over(gatew
         connection.close()
 
 
+async def test_many_requests_in_one_write_are_all_answered_in_order(gateway: Any) -> None:
+    """More than MAX_PIPELINED at once: the connection stops reading until they are answered."""
+    _, client = gateway
+    connection = await Connection.open(client.server.port)
+    try:
+        connection.send(b"".join(get("/function/echo", body=b"%d" % i, method="POST") for i in range(200)))
+        bodies = [json.loads((await connection.response())[2])["body"] for _ in range(200)]
+        assert bodies == [str(i) for i in range(200)]
+        connection.send(get("/function/echo", body=b"after", method="POST"))
+        assert json.loads((await connection.response())[2])["body"] == "after"
+    finally:
+        connection.close()
+
+
 async def test_a_request_arriving_in_pieces_is_served_whole(gateway: Any) -> None:
     _, client = gateway
     connection = await Connection.open(client.server.port)
