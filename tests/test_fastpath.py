@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,41 @@ async def test_many_requests_in_one_write_are_all_answered_in_order(gateway: Any
         assert bodies == [str(i) for i in range(200)]
         connection.send(get("/function/echo", body=b"after", method="POST"))
         assert json.loads((await connection.response())[2])["body"] == "after"
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_mixed_requests_cut_anywhere_are_answered_in_order(gateway: Any, seed: int) -> None:
+    """Invocations and other routes pipelined, the bytes sent in random pieces: whichever request
+    the connection is handed over at, every answer comes, in order."""
+    _, client = gateway
+    chance = random.Random(seed)
+    requests, expected = [], []
+    for i in range(12):
+        kind = chance.choice(["fast", "fast", "healthz", "encoded", "http10"])
+        if kind == "fast":
+            requests.append(get("/function/echo", body=b"n%d" % i, method="POST"))
+        elif kind == "healthz":
+            requests.append(get("/healthz"))
+        elif kind == "encoded":
+            requests.append(get("/function/echo/%41", body=b"n%d" % i, method="POST"))
+        else:
+            requests.append(get("/function/echo", "Connection: keep-alive", body=b"n%d" % i, method="POST",
+                                version="1.0"))
+        expected.append(b"OK\n" if kind == "healthz" else f"n{i}")
+    stream = b"".join(requests)
+    cuts = sorted(chance.sample(range(1, len(stream)), 5))
+    connection = await Connection.open(client.server.port)
+    try:
+        for start, end in zip([0, *cuts], [*cuts, len(stream)]):
+            connection.send(stream[start:end])
+            await connection.writer.drain()
+            await asyncio.sleep(chance.choice([0, 0.005]))
+        for want in expected:
+            status, _, body = await connection.response()
+            assert status == 200
+            assert (body if want == b"OK\n" else json.loads(body)["body"]) == want
     finally:
         connection.close()
 
