@@ -141,6 +141,9 @@ class FunctionPool:
         self.closed = False
         self.template: Any = None
         self._template_ready: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The pool's event loop, once it queued a request: asking for the running loop costs a
+        getpid() system call each time."""
         self.budget = budget_of(intravisor)
         self.budget.pools.add(self)
 
@@ -175,7 +178,9 @@ class FunctionPool:
             return self._lease(await self._start()), True
         if len(self.waiters) >= self.scaling.queue:
             raise PoolBusy(self.spec.name, retry_after=max(1, round(self.spec.limits.timeout / 10)))
-        waiter: asyncio.Future[CVM] = asyncio.get_running_loop().create_future()
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[CVM] = self._loop.create_future()
         self.waiters.append(waiter)
         try:
             return await waiter, False
