@@ -252,10 +252,10 @@ class InvocationProtocol(asyncio.Protocol):
             self._last_active = self._loop.time()
         if self._transport.is_closing():
             return
-        if self._handover is not None:
-            self._give_to_aiohttp()
-        elif self._closing:
+        if self._closing:  # shutting down: a request left for aiohttp is not taken up any more
             self._transport.close()
+        elif self._handover is not None:
+            self._give_to_aiohttp()
         elif not self._reading:
             self._reading = True
             self._transport.resume_reading()
