@@ -8,7 +8,6 @@ import dataclasses
 import itertools
 import json
 import math
-import random
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -32,7 +31,8 @@ from capfaas.plugins.pooling import PoolBusy
 from capfaas.registry import (AlreadyExists, BundleTooLarge, DeploymentRecord, InvalidInput, NotFound, Registry,
                               RegistryError, parse_limits)
 
-from .async_calls import AsyncCalls, header_text
+from .async_calls import AsyncCalls
+from .calls import Call, call_of
 from .capfiles import declared_files
 from .streaming import invoke_streaming
 from .logs import LogStore
@@ -419,25 +419,6 @@ _SLICE = 4 * MiB
 _background: set[asyncio.Future[Any]] = set()
 _scopes = itertools.count(1)
 """Numbers that make each invocation's buffer scope unique."""
-_random = random.Random()
-
-
-_UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
-_UUID4_SET = (0x4 << 76) | (0x2 << 62)
-"""The version (4) and variant (RFC 4122) bits of a random UUID."""
-
-
-def _new_call_id() -> str:
-    """A random UUID (version 4) for X-Call-Id, without uuid4()'s system call per request."""
-    digits = "%032x" % (_random.getrandbits(128) & _UUID_CLEAR | _UUID4_SET)
-    return "-".join((digits[:8], digits[8:12], digits[12:16], digits[16:20], digits[20:]))
-
-
-def _invocation_headers(request: web.Request) -> dict[str, str]:
-    return {k: header_text(v) for k, v in request.headers.items()
-            if k.lower() not in ("authorization", "host", "connection")}
-
-
 def _function_headers(headers: dict[str, str]) -> dict[str, str] | None:
     """The function's response headers without hop-by-hop ones; None when one cannot be sent."""
     out = {}
@@ -554,32 +535,10 @@ def _retire(gateway: Gateway, pool: Any, cvm: Any, reason: str) -> None:
     task.add_done_callback(done)
 
 
-@dataclass(slots=True)
-class Call:
-    """An invocation as it came over HTTP, whichever front end read it (aiohttp or ``fastpath``)."""
-
-    name: str
-    call_id: str
-    method: str
-    path: str
-    """What follows ``/function/{name}``, with its leading slash."""
-    query: dict[str, str]
-    headers: dict[str, str]
-    """The request's headers as the function sees them."""
-    start_time: float
-
-
-def call_id_of(header: str | None) -> str:
-    """The client's X-Call-Id, or a new one."""
-    return header_text(header or "") or _new_call_id()
-
-
 async def invoke_function(request: web.Request) -> web.StreamResponse:
     gateway = _gateway(request)
-    name = request.match_info["name"]
-    call = Call(name, call_id_of(request.headers.get("X-Call-Id")), request.method,
-                "/" + request.match_info.get("path", ""), dict(request.query) if request.query_string else {},
-                _invocation_headers(request), time.time())
+    call = call_of(request)
+    name = call.name
     if gateway.service.get(name) is None:
         return _text(404, f"function {name!r} not found")
     if request.content_length is not None and request.content_length > gateway.settings.max_body:
@@ -844,7 +803,7 @@ async def invoke_async(request: web.Request) -> web.Response:
     if gateway.service.get(name) is None:
         return _text(404, f"function {name!r} not found")
     assert gateway.async_calls is not None
-    return await gateway.async_calls.accept(request, name)
+    return await gateway.async_calls.accept(request)
 
 
 # -- the application ----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,31 +15,16 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from .calls import Call, call_of
+
 log = logging.getLogger("capfaas.async")
 CALLBACK_ATTEMPTS = 4
 CALLBACK_TIMEOUT = 10.0
 
 
-def header_text(value: str) -> str:
-    """A header value as text that can be sent on: bytes that are not UTF-8 (kept by aiohttp as
-    surrogates, which neither the control channel nor a response can carry) read as Latin-1."""
-    if value.isascii():
-        return value
-    try:
-        value.encode()
-        return value
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogateescape").decode("latin-1")
-
-
 @dataclass
 class Queued:
-    call_id: str
-    name: str
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
+    call: Call
     body: bytes
     callback: URL | None
 
@@ -61,8 +45,8 @@ class AsyncCalls:
         self.workers = [asyncio.ensure_future(self._work()) for _ in range(workers)]
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT))
 
-    async def accept(self, request: web.Request, name: str) -> web.Response:
-        call_id = header_text(request.headers.get("X-Call-Id") or "") or str(uuid.uuid4())
+    async def accept(self, request: web.Request) -> web.Response:
+        call = call_of(request)
         callback = request.headers.get("X-Callback-Url")
         url = None
         if callback:
@@ -80,10 +64,7 @@ class AsyncCalls:
             if size > self.max_body:
                 return web.Response(status=413, text=f"request body larger than {self.max_body} bytes\n")
             chunks.append(chunk)
-        headers = {k: header_text(v) for k, v in request.headers.items()
-                   if k.lower() not in ("authorization", "host", "connection")}
-        queued = Queued(call_id, name, request.method, "/" + request.match_info.get("path", ""),
-                        dict(request.query), headers, b"".join(chunks), url)
+        queued = Queued(call, b"".join(chunks), url)
         if self.queued_bytes + len(queued.body) > self.max_bytes:
             return self._full("bytes")
         try:
@@ -91,7 +72,7 @@ class AsyncCalls:
         except asyncio.QueueFull:
             return self._full("calls")
         self.queued_bytes += len(queued.body)
-        return web.Response(status=202, headers={"X-Call-Id": call_id, "X-Served-By": "capfaas"})
+        return web.Response(status=202, headers={"X-Call-Id": call.call_id, "X-Served-By": "capfaas"})
 
     def _full(self, what: str) -> web.Response:
         limit = f"{self.max_bytes} bytes of bodies" if what == "bytes" else f"{self.queue.maxsize} calls"
@@ -106,15 +87,15 @@ class AsyncCalls:
                 if queued.callback is not None:
                     await self._deliver(queued, status, headers, body, duration)
             except Exception:  # one failed call must not stop the worker
-                log.exception("asynchronous call %s to %s failed", queued.call_id, queued.name)
+                log.exception("asynchronous call %s to %s failed", queued.call.call_id, queued.call.name)
             finally:
                 self.queued_bytes -= len(queued.body)
                 self.queue.task_done()
 
     async def _deliver(self, queued: Queued, status: int, headers: dict[str, str], body: bytes, duration: float) -> None:
         assert queued.callback is not None
-        out = {"X-Call-Id": queued.call_id, "X-Duration-Seconds": f"{duration:.6f}",
-               "X-Function-Status": str(status), "X-Function-Name": queued.name}
+        out = {"X-Call-Id": queued.call.call_id, "X-Duration-Seconds": f"{duration:.6f}",
+               "X-Function-Status": str(status), "X-Function-Name": queued.call.name}
         if "Content-Type" in headers:
             out["Content-Type"] = headers["Content-Type"]
         delay = self.backoff
@@ -128,7 +109,7 @@ class AsyncCalls:
             if attempt < CALLBACK_ATTEMPTS:
                 await asyncio.sleep(delay)
                 delay *= 2
-        log.warning("gave up delivering call %s to %s after %d attempts", queued.call_id, queued.callback,
+        log.warning("gave up delivering call %s to %s after %d attempts", queued.call.call_id, queued.callback,
                     CALLBACK_ATTEMPTS)
 
     async def close(self, drain_timeout: float) -> None:

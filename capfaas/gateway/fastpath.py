@@ -31,8 +31,8 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from capfaas.core.runtime import INLINE_LIMIT
 
-from .app import (STATE, Answer, Call, Gateway, _text, answer, call_id_of, finished_call, header_text, relay_stream,
-                  relay_view, run_call)
+from .app import STATE, Answer, Gateway, _text, answer, finished_call, relay_stream, relay_view, run_call
+from .calls import HIDDEN_HEADERS, Call, call_id_of, header_text
 
 log = logging.getLogger("capfaas.gateway")
 
@@ -45,8 +45,7 @@ _METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE"})
 _PREFIX = b"/function/"
 _LEFT_TO_AIOHTTP = re.compile(rb"[%;#]|/\.|//")
 """Marks in a URL whose decoding or normalising is aiohttp's."""
-_HIDDEN = frozenset({b"authorization", b"host", b"connection"})
-"""Request headers a function does not see (as ``app._invocation_headers``)."""
+_HIDDEN = frozenset(name.encode() for name in HIDDEN_HEADERS)
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 

@@ -54,7 +54,7 @@ async def _invoke_queued(gateway: Gateway, queued: Queued) -> tuple[int, dict[st
     queue-worker retries) and answers failures with the status and JSON body a synchronous call gets."""
     delay = 0.1
     for _ in range(ASYNC_BUSY_RETRIES):
-        acquired = await _acquire(gateway, queued.name)
+        acquired = await _acquire(gateway, queued.call.name)
         if not (isinstance(acquired, web.Response) and acquired.status == 429):
             break
         await asyncio.sleep(delay)
@@ -62,24 +62,25 @@ async def _invoke_queued(gateway: Gateway, queued: Queued) -> tuple[int, dict[st
     if isinstance(acquired, web.Response):
         return acquired.status, {"Content-Type": "text/plain; charset=utf-8"}, bytes(acquired.body or b""), 0.0
     deployed, cvm, _ = acquired
-    gateway.metrics.inc("gateway_function_invocation_started", function_name=queued.name)
+    call = queued.call
+    gateway.metrics.inc("gateway_function_invocation_started", function_name=call.name)
     try:
         result = await collected(await gateway.intravisor.invoke(cvm, Invocation(
-            method=queued.method, path=queued.path, query=queued.query, headers=queued.headers,
-            body=queued.body, id=queued.call_id)))  # a callback gets the whole body at once
+            method=call.method, path=call.path, query=call.query, headers=call.headers,
+            body=queued.body, id=call.call_id)))  # a callback gets the whole body at once
     except asyncio.CancelledError:  # cancelled at shutdown: the instance is mid-call and cannot be reused
         _retire(gateway, deployed.pool, cvm, "asynchronous invocation abandoned")
         raise
     except Exception as exc:
         _retire(gateway, deployed.pool, cvm, "asynchronous invocation failed")
         failure = {"error": "the function's instance failed", "type": type(exc).__name__,
-                   "message": f"function {queued.name!r} could not be invoked: {exc}", "call_id": queued.call_id}
+                   "message": f"function {queued.call.name!r} could not be invoked: {exc}", "call_id": queued.call.call_id}
         return 502, {"Content-Type": "application/json"}, json.dumps(failure).encode(), 0.0
     try:
-        gateway.logs.add(queued.name, queued.call_id, result.stdout + result.stderr)
-        gateway.metrics.inc("gateway_function_invocation_total", function_name=queued.name, code=str(result.status))
+        gateway.logs.add(queued.call.name, queued.call.call_id, result.stdout + result.stderr)
+        gateway.metrics.inc("gateway_function_invocation_total", function_name=queued.call.name, code=str(result.status))
         if result.outcome != "ok":
-            return result.status, {"Content-Type": "application/json"}, _error_body(result, queued.call_id), result.duration
+            return result.status, {"Content-Type": "application/json"}, _error_body(result, queued.call.call_id), result.duration
         return result.status, result.headers, bytes(result.body), result.duration
     finally:
         deployed.pool.release(cvm)

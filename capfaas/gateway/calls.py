@@ -1,0 +1,63 @@
+"""An invocation as it came over HTTP, whichever front end read it (aiohttp or ``fastpath``), and
+whether it is answered now or later (``async_calls``)."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+HIDDEN_HEADERS = frozenset({"authorization", "host", "connection"})
+"""Request headers a function does not see: the gateway's credentials and the connection's."""
+
+_random = random.Random()
+_UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_UUID4_SET = (0x4 << 76) | (0x2 << 62)
+"""The version (4) and variant (RFC 4122) bits of a random UUID."""
+
+
+@dataclass(slots=True)
+class Call:
+    """One invocation's request, as the function will see it."""
+
+    name: str
+    call_id: str
+    method: str
+    path: str
+    """What follows ``/function/{name}``, with its leading slash."""
+    query: dict[str, str]
+    headers: dict[str, str]
+    """The request's headers as the function sees them."""
+    start_time: float
+
+
+def header_text(value: str) -> str:
+    """A header value as text that can be sent on: bytes that are not UTF-8 (kept by aiohttp as
+    surrogates, which neither the control channel nor a response can carry) read as Latin-1."""
+    if value.isascii():
+        return value
+    try:
+        value.encode()
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+def new_call_id() -> str:
+    """A random UUID (version 4) for X-Call-Id, without uuid4()'s system call per request."""
+    digits = "%032x" % (_random.getrandbits(128) & _UUID_CLEAR | _UUID4_SET)
+    return "-".join((digits[:8], digits[8:12], digits[12:16], digits[16:20], digits[20:]))
+
+
+def call_id_of(header: str | None) -> str:
+    """The client's X-Call-Id, or a new one."""
+    return header_text(header or "") or new_call_id()
+
+
+def call_of(request: web.Request) -> Call:
+    """The invocation an aiohttp request to ``/function/{name}[/{path}]`` asks for."""
+    headers = {key: header_text(value) for key, value in request.headers.items() if key.lower() not in HIDDEN_HEADERS}
+    return Call(request.match_info["name"], call_id_of(request.headers.get("X-Call-Id")), request.method,
+                "/" + request.match_info.get("path", ""), dict(request.query) if request.query_string else {},
+                headers, time.time())
