@@ -7,9 +7,11 @@ order on one keep-alive connection, and the connection handed over intact.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,15 @@ class Connection:
         self.writer.close()
 
 
+@contextlib.asynccontextmanager
+async def connected(port: int) -> AsyncIterator[Connection]:
+    connection = await Connection.open(port)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
 def get(path: str, *extra: str, body: bytes = b"", method: str = "GET", version: str = "1.1") -> bytes:
     lines = [f"{method} {path} HTTP/{version}", "Host: gateway", *extra]
     if body or method == "POST":
@@ -87,8 +98,7 @@ async def test_an_invocation_is_answered_without_aiohttp_and_another_route_hands
         gateway: Any) -> None:
     _, client = gateway
     before = aiohttp_connections(client)  # the test client's own, used to deploy
-    connection = await Connection.open(client.server.port)
-    try:
+    async with connected(client.server.port) as connection:
         connection.send(get("/function/echo/a/b?x=1&y=two+words", "X-Call-Id: call-1", body=b"hi", method="POST"))
         status, headers, body = await connection.response()
         assert status == 200 and headers["x-call-id"] == "call-1" and headers["x-served-by"] == "capfaas"
@@ -101,8 +111,6 @@ async def test_an_invocation_is_answered_without_aiohttp_and_another_route_hands
         connection.send(get("/function/echo", body=b"again", method="POST"))
         status, _, body = await connection.response()
         assert status == 200 and json.loads(body)["body"] == "again"
-    finally:
-        connection.close()
 
 
 async def test_both_front_ends_give_a_function_the_same_request(gateway: Any) -> None:
@@ -110,8 +118,7 @@ async def test_both_front_ends_give_a_function_the_same_request(gateway: Any) ->
     _, client = gateway
     seen = []
     for version in ("1.1", "1.0"):
-        connection = await Connection.open(client.server.port)
-        try:
+        async with connected(client.server.port) as connection:
             connection.send(get("/function/echo/p?a=1&a=2&b=&c", "X-One: 1", "x-two: " + "été".encode().decode("latin-1"),
                                 "X-Bytes: caf\xe9", "Authorization: Basic c2VjcmV0", "Connection: keep-alive",
                                 body=b"payload", method="PUT", version=version))
@@ -120,8 +127,6 @@ async def test_both_front_ends_give_a_function_the_same_request(gateway: Any) ->
             seen.append((json.loads(body), {k: v for k, v in headers.items() if k not in ("date", "x-call-id",
                                                                                          "x-start-time", "x-duration-seconds", "x-cold-start",
                                                                                          "connection", "keep-alive")}))
-        finally:
-            connection.close()
     assert seen[0] == seen[1]
     event = seen[0][0]
     assert event["method"] == "PUT" and event["query"] == {"a": "1", "b": "", "c": ""}
@@ -131,30 +136,24 @@ async def test_both_front_ends_give_a_function_the_same_request(gateway: Any) ->
 
 async def test_pipelined_requests_are_answered_in_order_across_a_hand_over(gateway: Any) -> None:
     _, client = gateway
-    connection = await Connection.open(client.server.port)
-    try:
+    async with connected(client.server.port) as connection:
         connection.send(get("/function/echo", body=b"1", method="POST") + get("/function/echo", body=b"2", method="POST")
                         + get("/healthz") + get("/function/echo", body=b"3", method="POST"))
         answers = [await connection.response() for _ in range(4)]
         assert [status for status, _, _ in answers] == [200] * 4
         assert [json.loads(answers[i][2])["body"] for i in (0, 1, 3)] == ["1", "2", "3"]
         assert answers[2][2] == b"OK\n"
-    finally:
-        connection.close()
 
 
 async def test_many_requests_in_one_write_are_all_answered_in_order(gateway: Any) -> None:
     """More than MAX_PIPELINED at once: the connection stops reading until they are answered."""
     _, client = gateway
-    connection = await Connection.open(client.server.port)
-    try:
+    async with connected(client.server.port) as connection:
         connection.send(b"".join(get("/function/echo", body=b"%d" % i, method="POST") for i in range(200)))
         bodies = [json.loads((await connection.response())[2])["body"] for _ in range(200)]
         assert bodies == [str(i) for i in range(200)]
         connection.send(get("/function/echo", body=b"after", method="POST"))
         assert json.loads((await connection.response())[2])["body"] == "after"
-    finally:
-        connection.close()
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -178,8 +177,7 @@ async def test_mixed_requests_cut_anywhere_are_answered_in_order(gateway: Any, s
         expected.append(b"OK\n" if kind == "healthz" else f"n{i}")
     stream = b"".join(requests)
     cuts = sorted(chance.sample(range(1, len(stream)), 5))
-    connection = await Connection.open(client.server.port)
-    try:
+    async with connected(client.server.port) as connection:
         for start, end in zip([0, *cuts], [*cuts, len(stream)]):
             connection.send(stream[start:end])
             await connection.writer.drain()
@@ -188,14 +186,11 @@ async def test_mixed_requests_cut_anywhere_are_answered_in_order(gateway: Any, s
             status, _, body = await connection.response()
             assert status == 200
             assert (body if want == b"OK\n" else json.loads(body)["body"]) == want
-    finally:
-        connection.close()
 
 
 async def test_a_request_arriving_in_pieces_is_served_whole(gateway: Any) -> None:
     _, client = gateway
-    connection = await Connection.open(client.server.port)
-    try:
+    async with connected(client.server.port) as connection:
         request = get("/function/echo", body=b"in pieces", method="POST")
         for start in range(0, len(request), 7):
             connection.send(request[start:start + 7])
@@ -203,22 +198,17 @@ async def test_a_request_arriving_in_pieces_is_served_whole(gateway: Any) -> Non
             await asyncio.sleep(0.01)
         status, _, body = await connection.response()
         assert status == 200 and json.loads(body)["body"] == "in pieces"
-    finally:
-        connection.close()
 
 
 async def test_errors_come_as_through_aiohttp(gateway: Any) -> None:
     _, client = gateway
-    connection = await Connection.open(client.server.port)
-    try:
+    async with connected(client.server.port) as connection:
         connection.send(get("/function/nothing-here"))
         status, headers, body = await connection.response()
         assert status == 404 and b"'nothing-here' not found" in body and headers["content-type"].startswith("text/plain")
         connection.send(b"GET /function/echo HTTP/1.1\r\nBad Header: x\r\n\r\n")
         status, _, _ = await connection.response()
         assert status == 400
-    finally:
-        connection.close()
 
 
 async def test_streamed_and_large_answers(gateway: Any) -> None:
@@ -226,8 +216,7 @@ async def test_streamed_and_large_answers(gateway: Any) -> None:
     await deploy(client, "streamer", STREAMER)
     await deploy(client, "big", BIG)
     before = aiohttp_connections(client)
-    connection = await Connection.open(client.server.port)
-    try:
+    async with connected(client.server.port) as connection:
         connection.send(get("/function/streamer"))
         status, headers, body = await connection.response()
         assert status == 200 and headers["transfer-encoding"] == "chunked" and body == b"part 0\npart 1\npart 2\n"
@@ -235,26 +224,18 @@ async def test_streamed_and_large_answers(gateway: Any) -> None:
         status, headers, body = await connection.response()
         assert status == 200 and body == b"x" * (3 << 20) and headers["content-type"] == "application/octet-stream"
         assert aiohttp_connections(client) == before
-    finally:
-        connection.close()
 
 
 async def test_connection_close_and_idle_connections_are_closed(gateway: Any) -> None:
     _, client = gateway
-    connection = await Connection.open(client.server.port)
-    try:
+    async with connected(client.server.port) as connection:
         connection.send(get("/function/echo", "Connection: close"))
         status, headers, _ = await connection.response()
         assert status == 200 and headers["connection"] == "close"
         assert await connection.closed()
-    finally:
-        connection.close()
-    connection = await Connection.open(client.server.port)
-    try:
+    async with connected(client.server.port) as connection:
         connection.send(get("/function/echo"))
         assert (await connection.response())[0] == 200
         started = time.monotonic()
         assert await connection.closed()  # after keepalive_timeout (1 s)
         assert 0.8 < time.monotonic() - started < 5
-    finally:
-        connection.close()
