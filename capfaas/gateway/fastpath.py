@@ -224,6 +224,8 @@ class InvocationProtocol(asyncio.Protocol):
         handler = self._front.aiohttp_handler()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if self._write_paused:  # the transport tells only the protocol it had when writing paused
+            handler.pause_writing()
         if not self._reading:
             transport.resume_reading()
         if data:
