@@ -27,6 +27,10 @@ def handle(event, context):
             yield f"part {i}\\n"
     return {"statusCode": 200, "headers": {"Content-Type": "text/plain"}, "body": parts()}
 """
+SIXTY_KIB = """
+def handle(event, context):
+    return b"y" * (60 << 10)
+"""
 BIG = """
 def handle(event, context):
     return b"x" * (3 << 20)
@@ -186,6 +190,21 @@ async def test_mixed_requests_cut_anywhere_are_answered_in_order(gateway: Any, s
             status, _, body = await connection.response()
             assert status == 200
             assert (body if want == b"OK\n" else json.loads(body)["body"]) == want
+
+
+async def test_a_client_that_does_not_read_its_answers_is_not_answered_into_memory(gateway: Any) -> None:
+    """Pipelined requests whose answers are never read: the gateway stops answering once its send
+    buffer is full, rather than holding every answer in memory."""
+    _, client = gateway
+    await deploy(client, "sixty", SIXTY_KIB)
+    async with connected(client.server.port) as connection:
+        connection.send(get("/function/sixty") * 400)  # 24 MiB of answers
+        await asyncio.sleep(1.5)
+        held = [protocol._transport.get_write_buffer_size() for protocol in client.server.runner.server._open]
+        assert held and max(held) < 1 << 20, held
+        for _ in range(400):  # read now, every answer comes
+            status, _, body = await connection.response()
+            assert status == 200 and body == b"y" * (60 << 10)
 
 
 async def test_a_request_arriving_in_pieces_is_served_whole(gateway: Any) -> None:

@@ -248,6 +248,13 @@ class InvocationProtocol(asyncio.Protocol):
                 if not keep_alive:
                     self._transport.close()
                     return
+                if self._write_paused:  # a client that does not read its answers is sent no more
+                    try:
+                        async with asyncio.timeout(self._gateway.settings.body_timeout):
+                            await self._drained()
+                    except TimeoutError:
+                        self._transport.abort()
+                        return
         finally:
             self._task = None
             self._last_active = self._loop.time()
@@ -331,8 +338,12 @@ class InvocationProtocol(asyncio.Protocol):
     async def _write(self, data: Any) -> None:
         self._transport.write(data)
         if self._write_paused:
-            self._writable = self._loop.create_future()
-            await self._writable
+            await self._drained()
+
+    async def _drained(self) -> None:
+        """Until the transport's buffer is below its high-water mark again."""
+        self._writable = self._loop.create_future()
+        await self._writable
 
     async def _write_chunk(self, chunk: bytes) -> None:
         if chunk:  # an empty chunk would end the body
