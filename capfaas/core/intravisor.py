@@ -406,7 +406,7 @@ class Intravisor:
             raise ProtocolViolation("malformed result status")
         error = reply.get("error")
         stream = None
-        if "stream" in reply and reply["stream"]:
+        if reply.get("stream"):
             if cvm.output is None:
                 raise ProtocolViolation("a streamed result without a stream")
             stream, cvm.output = cvm.output, None
@@ -415,7 +415,7 @@ class Intravisor:
                 cvm.peak_rss = reply["rss"]
             if isinstance(reply.get("cpu"), float):
                 cvm.cpu_seconds = reply["cpu"]
-        return Result(status, headers, body, "error" if error else "ok", error, b"", b"", 0.0, capability, stream)
+        return Result(status, headers, body, "error" if error else "ok", error, capability=capability, stream=stream)
 
 
 def _raise_descriptor_limit() -> None:

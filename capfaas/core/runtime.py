@@ -528,8 +528,7 @@ class Runtime:
         """One invocation at a time: the region's heap is this invocation's alone."""
         started = time.perf_counter()
         self.region.reset()
-        if self._lengths:
-            self._lengths.clear()
+        self._lengths.clear()
         event, context, reply = self._begin(message)
         try:
             value = self.call(event, context)

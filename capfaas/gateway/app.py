@@ -732,14 +732,8 @@ async def _respond(request: web.Request, gateway: Gateway, call: Call, reply: An
     if reply.streamed:
         response = web.StreamResponse(status=status, headers=headers)
         response.enable_chunked_encoding()
-        try:
-            await response.prepare(request)
-        except ConnectionError as exc:
-            await result.stream.abandon(f"its streamed response broke off: {exc}")
-            return response
-        if await relay_stream(gateway, call, result.stream, response.write):
-            await response.write_eof()
-        elif request.transport is not None:
+        sent = await relay_stream(gateway, call, result.stream, response.write, start=response.prepare(request))
+        if not (sent and await _within(gateway, response.write_eof())) and request.transport is not None:
             request.transport.abort()
         return response
     if isinstance(body, bytes):  # the gateway's own copy (small results come inline): aiohttp sends it
@@ -751,11 +745,20 @@ async def _respond(request: web.Request, gateway: Gateway, call: Call, reply: An
     if request.method == "HEAD" or status in (204, 304):  # no body may follow these
         await response.write_eof()
         return response
-    if await relay_view(gateway, body, response.write):
-        await response.write_eof()
-    elif request.transport is not None:
+    sent = await relay_view(gateway, body, response.write)
+    if not (sent and await _within(gateway, response.write_eof())) and request.transport is not None:
         request.transport.abort()
     return response
+
+
+async def _within(gateway: Gateway, step: Awaitable[Any]) -> bool:
+    """Whether ``step`` (a write the client must read) finished within ``body_timeout``."""
+    try:
+        async with asyncio.timeout(gateway.settings.body_timeout):
+            await step
+        return True
+    except TimeoutError:
+        return False
 
 
 async def relay_view(gateway: Gateway, body: Any, write: Callable[[Any], Awaitable[None]]) -> bool:
@@ -776,11 +779,15 @@ async def relay_view(gateway: Gateway, body: Any, write: Callable[[Any], Awaitab
         view.release()
 
 
-async def relay_stream(gateway: Gateway, call: Call, stream: Any, write: Callable[[bytes], Awaitable[None]]) -> bool:
-    """Send a streamed body chunk by chunk as the function writes it; False when it broke off (the
-    generator raised, the time ran out, a stalled reader): the caller drops the connection, so the
-    client sees the body incomplete."""
+async def relay_stream(gateway: Gateway, call: Call, stream: Any, write: Callable[[bytes], Awaitable[None]],
+                       start: Awaitable[Any] | None = None) -> bool:
+    """Send a streamed body chunk by chunk as the function writes it (after ``start``, the head,
+    where that is awaited); False when it broke off (the generator raised, the time ran out, a
+    stalled reader, a client gone): the caller drops the connection, so the client sees the body
+    incomplete."""
     try:
+        if start is not None:
+            await start
         async for chunk in stream.chunks():
             async with asyncio.timeout(gateway.settings.body_timeout):  # a stalled reader frees the instance
                 await write(chunk)

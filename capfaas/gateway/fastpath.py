@@ -31,7 +31,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from capfaas.core.runtime import INLINE_LIMIT
 
-from .app import STATE, Answer, Gateway, _text, answer, finished_call, relay_stream, relay_view, run_call
+from .app import STATE, Answer, Gateway, answer, finished_call, relay_stream, relay_view, run_call
 from .calls import HIDDEN_HEADERS, Call, call_id_of, header_text
 
 log = logging.getLogger("capfaas.gateway")
@@ -292,11 +292,8 @@ class InvocationProtocol(asyncio.Protocol):
                       keep_alive: bool) -> None:
         gateway = self._gateway
         call = self._call(method, url, headers)
-        if not call.name or gateway.service.get(call.name) is None:
-            self._send(_text(404, f"function {call.name!r} not found"), keep_alive)
-            return
         outcome = await run_call(gateway, call, body, True, None)
-        if type(outcome) is not tuple:  # the call ended early: 429, 502 and the like
+        if type(outcome) is not tuple:  # the call ended early: 404, 429, 502 and the like
             self._send(outcome, keep_alive)
             return
         deployed, result, cold, cvm = outcome

@@ -52,9 +52,10 @@ async def open_gateway(settings: Settings, backend: str = "auto") -> Gateway:
 async def _invoke_queued(gateway: Gateway, queued: Queued) -> tuple[int, dict[str, str], bytes, float]:
     """One asynchronous call, as its callback reports it; waits out a busy function (as OpenFaaS's
     queue-worker retries) and answers failures with the status and JSON body a synchronous call gets."""
+    call = queued.call
     delay = 0.1
     for _ in range(ASYNC_BUSY_RETRIES):
-        acquired = await _acquire(gateway, queued.call.name)
+        acquired = await _acquire(gateway, call.name)
         if not (isinstance(acquired, web.Response) and acquired.status == 429):
             break
         await asyncio.sleep(delay)
@@ -62,7 +63,6 @@ async def _invoke_queued(gateway: Gateway, queued: Queued) -> tuple[int, dict[st
     if isinstance(acquired, web.Response):
         return acquired.status, {"Content-Type": "text/plain; charset=utf-8"}, bytes(acquired.body or b""), 0.0
     deployed, cvm, _ = acquired
-    call = queued.call
     gateway.metrics.inc("gateway_function_invocation_started", function_name=call.name)
     try:
         result = await collected(await gateway.intravisor.invoke(cvm, Invocation(
@@ -74,13 +74,13 @@ async def _invoke_queued(gateway: Gateway, queued: Queued) -> tuple[int, dict[st
     except Exception as exc:
         _retire(gateway, deployed.pool, cvm, "asynchronous invocation failed")
         failure = {"error": "the function's instance failed", "type": type(exc).__name__,
-                   "message": f"function {queued.call.name!r} could not be invoked: {exc}", "call_id": queued.call.call_id}
+                   "message": f"function {call.name!r} could not be invoked: {exc}", "call_id": call.call_id}
         return 502, {"Content-Type": "application/json"}, json.dumps(failure).encode(), 0.0
     try:
-        gateway.logs.add(queued.call.name, queued.call.call_id, result.stdout + result.stderr)
-        gateway.metrics.inc("gateway_function_invocation_total", function_name=queued.call.name, code=str(result.status))
+        gateway.logs.add(call.name, call.call_id, result.stdout + result.stderr)
+        gateway.metrics.inc("gateway_function_invocation_total", function_name=call.name, code=str(result.status))
         if result.outcome != "ok":
-            return result.status, {"Content-Type": "application/json"}, _error_body(result, queued.call.call_id), result.duration
+            return result.status, {"Content-Type": "application/json"}, _error_body(result, call.call_id), result.duration
         return result.status, result.headers, bytes(result.body), result.duration
     finally:
         deployed.pool.release(cvm)
