@@ -528,14 +528,15 @@ async def test_a_client_that_leaves_gives_the_instance_back(tmp_path: Path) -> N
         assert gateway.in_flight == 0
 
 
-async def test_a_reader_that_stalls_gives_the_instance_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", ["1.1", "1.0"])  # the fast path's, and aiohttp's
+async def test_a_reader_that_stalls_gives_the_instance_back(tmp_path: Path, version: str) -> None:
     async with running_gateway(tmp_path / "state", body_timeout=0.5) as (_, client):
         await deploy(client, "failing", FAILING, labels={"com.openfaas.scale.max": "1"})
         reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port, limit=1024)
         writer.transport.set_write_buffer_limits(0)
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        writer.write(b"GET /function/failing?what=big HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /function/failing?what=big HTTP/%s\r\nHost: x\r\n\r\n" % version.encode())
         await reader.read(100)  # the first bytes, then nothing more is read
         writer.transport.pause_reading()
         started = time.monotonic()
