@@ -9,13 +9,13 @@ CheriBSD, with the same runtime talking the same protocol over a socket.
 from __future__ import annotations
 
 import abc
-import asyncio
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .console import Console
+from .control import ControlChannel
 from .spec import FunctionSpec
 
 
@@ -53,8 +53,9 @@ class LaunchRequest:
 class CVMProcess(abc.ABC):
     """A started cVM as the intravisor sees it: a control channel, its console, a way to stop it."""
 
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    channel: ControlChannel
+    """The control channel: a ``ControlChannel`` (the protocol of the backend's transport), or a
+    ``StreamControlChannel`` over a stream pair."""
     pid: int | None
     console: Console
     grant_channel: socket.socket | None = None
@@ -65,7 +66,7 @@ class CVMProcess(abc.ABC):
         """Busy-wait up to ``seconds`` for the cVM's next bytes without yielding to the event loop,
         and read them straight from the channel: a reply that comes within microseconds then costs
         the intravisor neither a sleep and a wake-up nor a trip through the event loop. None when
-        nothing came in time (or the backend cannot tell): await ``reader`` then. ``b""`` at end
+        nothing came in time (or the backend cannot tell): wait on ``channel`` then. ``b""`` at end
         of stream. A view is valid until the next call.
         """
         return None

@@ -13,8 +13,11 @@ from . import wire
 from .backend import CVMProcess, Region
 from .capability import Capability
 from .channels import is_request
+from .control import ChannelClosed, ProtocolViolation
 from .deadlines import Deadlines
 from .spec import FunctionSpec
+
+__all__ = ["CVM", "ChannelClosed", "ProtocolViolation", "State"]
 
 
 _pack = wire.packer()
@@ -27,14 +30,6 @@ class State(enum.Enum):
     BUSY = "busy"
     IDLE = "idle"
     STOPPED = "stopped"
-
-
-class ChannelClosed(Exception):
-    """The cVM's end of the control channel went away (it crashed or was killed)."""
-
-
-class ProtocolViolation(Exception):
-    """The cVM sent something the protocol does not allow (too large, malformed)."""
 
 
 @dataclass(eq=False)
@@ -82,7 +77,6 @@ class CVM:
     """Bytes of shared buffers made for this cVM in its running invocation."""
     pipes: dict[int, Any] = field(default_factory=dict)
     """CAP_Streams the running invocation opened to functions it is calling, by object id."""
-    _unpacker: Any = field(default=None, repr=False)
     _pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict, repr=False)
     """Concurrent invocations awaiting their replies, by sequence number (invocation ids are the
     client's to choose, and two at once may share one)."""
@@ -92,9 +86,6 @@ class CVM:
     """Answers a request the cVM makes mid-invocation (a call to another function, a shared
     buffer, a CAP_File; set by the intravisor)."""
     _calls: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
-
-    def __post_init__(self) -> None:
-        self._unpacker = wire.unpacker(max_buffer_size=4 * self.spec.limits.output + (8 << 20))
 
     @property
     def authorities(self) -> list[Capability]:
@@ -107,10 +98,10 @@ class CVM:
         return self.region.base, self.region.size // 2
 
     async def send(self, message: dict[str, Any]) -> None:
-        writer = self.process.writer
-        writer.write(_pack(message))
-        if writer.transport.get_write_buffer_size():  # not all sent at once: wait until it drains
-            await writer.drain()
+        channel = self.process.channel
+        channel.write(_pack(message))
+        if channel.congested:  # not all sent at once: wait until it drains
+            await channel.drain()
 
     async def exchange(self, message: dict[str, Any], deadline: float, deadlines: Deadlines,
                        spin: float = 0.0) -> dict[str, Any]:
@@ -120,27 +111,30 @@ class CVM:
         several at once gets one reader that hands each reply to its caller by id."""
         if self.spec.limits.concurrency > 1:
             return await self._exchange_concurrently(message, deadlines, deadlines.watch(deadline, self.expire))
-        writer = self.process.writer
-        writer.write(_pack(message))
+        channel = self.process.channel
+        channel.write(_pack(message))
         sent = time.perf_counter()
         early = None
-        if spin and not writer.transport.get_write_buffer_size():
+        if spin and not channel.congested and not channel.has_messages:
             data = self.process.read_reply(spin)
             if data is not None:
-                self._feed(data)
-                early = self._next_message()
+                channel.feed(data)
+                early = channel.next_message()
                 if early is not None and not is_request(early):
                     self.reply_seconds = time.perf_counter() - sent
                     self.answered_directly = True
                     return early
         watched = deadlines.watch(deadline, self.expire)
         try:
-            if writer.transport.get_write_buffer_size():  # not all sent at once: wait until it drains
-                await writer.drain()
+            if channel.congested:  # not all sent at once: wait until it drains
+                await channel.drain()
             if early is not None:
                 self._answer(early)
             while True:
-                reply = await self.receive()
+                reply = channel.next_message()
+                self.answered_directly = reply is not None
+                if reply is None:
+                    reply = await channel.wait()
                 if not is_request(reply):
                     self.reply_seconds = time.perf_counter() - sent
                     return reply
@@ -204,30 +198,9 @@ class CVM:
 
     async def receive(self) -> dict[str, Any]:
         """The next message from the cVM; ChannelClosed at end of stream."""
-        directly = True
-        while True:
-            message = self._next_message()
-            if message is not None:
-                self.answered_directly = directly
-                return message
-            self._feed(await self.process.reader.read(1 << 20))
-            directly = False
-
-    def _next_message(self) -> dict[str, Any] | None:
-        """The next message already received whole, if any."""
-        try:
-            for message in self._unpacker:
-                if not isinstance(message, dict):
-                    raise ProtocolViolation("a control message must be a map")
-                return message
-        except ValueError as exc:  # msgpack's BufferFull, malformed ext types, bad data
-            raise ProtocolViolation(f"malformed control message: {exc}") from None
-        return None
-
-    def _feed(self, data: bytes | memoryview) -> None:
-        if not data:
-            raise ChannelClosed()
-        try:
-            self._unpacker.feed(data)
-        except ValueError as exc:
-            raise ProtocolViolation(f"control message too large: {exc}") from None
+        channel = self.process.channel
+        message = channel.next_message()
+        self.answered_directly = message is not None
+        if message is None:
+            message = await channel.wait()
+        return message

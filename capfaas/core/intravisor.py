@@ -13,7 +13,7 @@ import itertools
 import resource
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +75,7 @@ class Invocation:
     id: str = field(default_factory=lambda: secrets.token_hex(16))
     inline: bool = False
     """Send a bytes body inside the control message whatever its size (the copying path)."""
-    chain: list[str] = field(default_factory=list)
+    chain: Sequence[str] = ()
     """The functions that called their way to this invocation, outermost first."""
     root: str = ""
     """The scope of the shared buffers this invocation and the calls it makes use, released when
@@ -287,24 +287,25 @@ class Intravisor:
         """Run one invocation on a ready or idle cVM; timeouts and crashes stop the cVM.
 
         ``timeout`` can only shorten the function's own (a caller's remaining time)."""
-        concurrent = cvm.spec.limits.concurrency > 1
-        if cvm.state not in (State.READY, State.IDLE) and not (concurrent and cvm.state is State.BUSY):
-            raise RuntimeError(f"cVM {cvm.id} is {cvm.state.value}, not ready")
+        limits = cvm.spec.limits
+        state = cvm.state
+        if state is not State.IDLE and state is not State.READY and not (
+                state is State.BUSY and limits.concurrency > 1):
+            raise RuntimeError(f"cVM {cvm.id} is {state.value}, not ready")
         cvm.state = State.BUSY
         cvm.busy += 1
         cvm.invocations += 1
         cvm.root = scope = invocation.root or f"{invocation.id}#{next(self._scopes)}"  # ids can repeat
         top_level = None if invocation.chain else scope
         started = time.monotonic()
-        timeout = cvm.spec.limits.timeout if timeout is None else min(timeout, cvm.spec.limits.timeout)
+        timeout = limits.timeout if timeout is None or timeout > limits.timeout else timeout
         if self._invoke_hooks:
             self.pm.hook.capfaas_before_invoke(spec=cvm.spec, invocation_id=invocation.id)
         self._running += 1
         try:
             message = self._invoke_message(cvm, invocation, time.time() + timeout)
-            quick = self._running == 1 and cvm.reply_seconds < REPLY_SPIN
             reply = await cvm.exchange(message, started + timeout, self.deadlines,  # the loop's clock
-                                       REPLY_SPIN if quick else 0.0)
+                                       REPLY_SPIN if self._running == 1 and cvm.reply_seconds < REPLY_SPIN else 0.0)
             result = self._result(cvm, reply)
             if result.stream is not None:  # the body follows through a CAP_Stream: the cVM stays busy
                 result.stream = OutputStream(self, cvm, *result.stream, started + timeout, top_level)
@@ -349,36 +350,44 @@ class Intravisor:
     def _invoke_message(self, cvm: CVM, invocation: Invocation, deadline: float) -> dict[str, Any]:
         body: Any = invocation.body
         length = invocation.length
-        announced = None
-        if isinstance(body, Capability):
-            length = body.length if length is None else length
-            if self.broker.find(body, length) is not None:
-                try:
-                    announced = self.broker.grant(cvm, self.broker.find(body, length), writable=False, transient=True,
-                                                  within=body)
-                except SharingUnavailable:  # its backend cannot map it: one copy into its region
-                    body = self.place(cvm, self.broker.area.view(body, body.address, length))
-        elif len(body) > INLINE_LIMIT and not invocation.inline and cvm.spec.limits.concurrency == 1:
-            length = len(body)
-            body = self.place(cvm, body)
         message = {"op": "invoke", "id": invocation.id, "method": invocation.method, "deadline": deadline}
+        if type(body) is bytes and length is None and len(body) <= INLINE_LIMIT:  # the usual: inside the message
+            if body:
+                message["body"] = body
+        else:
+            self._place_body(cvm, invocation, message)
         if invocation.path != "/":  # what the runtime assumes is left out: smaller and quicker
             message["path"] = invocation.path
         if invocation.query:
             message["query"] = invocation.query
         if invocation.headers:
             message["headers"] = invocation.headers
+        if invocation.chain:
+            message["chain"] = invocation.chain
+        if invocation.stream is not None:
+            message["stream"] = self.broker.grant_stream(cvm, invocation.stream)
+        return message
+
+    def _place_body(self, cvm: CVM, invocation: Invocation, message: dict[str, Any]) -> None:
+        """A body the control message does not carry: granted as the shared object it is in, or
+        placed once in the cVM's region (``inline`` bodies are carried whatever their size)."""
+        body: Any = invocation.body
+        length = invocation.length
+        if isinstance(body, Capability):
+            length = body.length if length is None else length
+            if self.broker.find(body, length) is not None:
+                try:
+                    message["grant"] = self.broker.grant(cvm, self.broker.find(body, length), writable=False,
+                                                         transient=True, within=body)
+                except SharingUnavailable:  # its backend cannot map it: one copy into its region
+                    body = self.place(cvm, self.broker.area.view(body, body.address, length))
+        elif len(body) > INLINE_LIMIT and not invocation.inline and cvm.spec.limits.concurrency == 1:
+            length = len(body)
+            body = self.place(cvm, body)
         if length is not None:
             message["body"], message["length"] = body, length
         elif body:
             message["body"] = body
-        if invocation.chain:
-            message["chain"] = invocation.chain
-        if announced is not None:
-            message["grant"] = announced
-        if invocation.stream is not None:
-            message["stream"] = self.broker.grant_stream(cvm, invocation.stream)
-        return message
 
     def _result(self, cvm: CVM, reply: dict[str, Any]) -> Result:
         if reply.get("op") != "result":

@@ -700,29 +700,30 @@ class Answer:
 
 def answer(gateway: Gateway, deployed: Any, call: Call, result: Result, cold: bool) -> Answer:
     """The response to an invocation's result (its output logged, its fault counted)."""
-    name = deployed.spec.name
     call_id = call.call_id
     if result.stdout or result.stderr:
-        gateway.logs.add(name, call_id, result.stdout + result.stderr)
-    if result.outcome == "fault":
-        gateway.metrics.inc("capfaas_capability_faults_total", function_name=name)
+        gateway.logs.add(deployed.spec.name, call_id, result.stdout + result.stderr)
     status = result.status
     body: Any = result.body
-    headers = _function_headers(result.headers) if result.outcome == "ok" else None
-    if result.outcome != "ok":
+    if result.outcome == "ok":
+        headers = _function_headers(result.headers)
+        if headers is None or status < 200:
+            problem = ("InvalidHeader", f"returned a header that is not valid HTTP: {sorted(result.headers)!r}") \
+                if headers is None else ("InvalidStatus", f"returned the informational status {status} as its answer")
+            status = 502
+            body = json.dumps({"error": "the function's response cannot be sent", "type": problem[0],
+                               "message": f"function {deployed.spec.name!r} {problem[1]}", "call_id": call_id}).encode()
+            headers = {"Content-Type": "application/json"}
+        streamed = result.stream is not None and status == result.status
+    else:
+        if result.outcome == "fault":
+            gateway.metrics.inc("capfaas_capability_faults_total", function_name=deployed.spec.name)
         body = _error_body(result, call_id)
         headers = {"Content-Type": "application/json"}
-    elif headers is None or status < 200:
-        problem = ("InvalidHeader", f"returned a header that is not valid HTTP: {sorted(result.headers)!r}") \
-            if headers is None else ("InvalidStatus", f"returned the informational status {status} as its answer")
-        status = 502
-        body = json.dumps({"error": "the function's response cannot be sent", "type": problem[0],
-                           "message": f"function {name!r} {problem[1]}", "call_id": call_id}).encode()
-        headers = {"Content-Type": "application/json"}
+        streamed = False
     headers.update({"X-Call-Id": call_id, "X-Start-Time": str(int(call.start_time * 1e9)),
                     "X-Duration-Seconds": f"{result.duration:.6f}", "X-Served-By": "capfaas",
                     "X-Cold-Start": "1" if cold else "0"})
-    streamed = result.stream is not None and result.outcome == "ok" and status == result.status
     return Answer(status, headers, body, streamed)
 
 

@@ -300,15 +300,26 @@ class InvocationProtocol(asyncio.Protocol):
         status = length = None
         try:
             reply = answer(gateway, deployed, call, result, cold)
-            length = await self._send_answer(reply, call, result, keep_alive)
+            body = reply.body
+            if type(body) is bytes and not reply.streamed:  # the usual answer: written at once
+                length = self._send_bytes(reply.status, reply.headers, body, keep_alive)
+            else:
+                length = await self._relay(reply, call, result, keep_alive)
             status = reply.status
         finally:
             finished_call(deployed.pool.release, cvm, gateway.metrics.meter(call.name), result.duration, status, length)
 
-    async def _send_answer(self, reply: Answer, call: Call, result: Any, keep_alive: bool) -> int | None:
-        """Write the answer; the body's length, None when it was streamed."""
+    def _send_bytes(self, status: int, headers: dict[str, str], body: bytes, keep_alive: bool) -> int:
+        if status in (204, 304):  # no body may follow these
+            self._transport.write(self._response_head(status, headers, 0, keep_alive))
+            return 0
+        self._transport.write(self._response_head(status, headers, len(body), keep_alive) + body)
+        return len(body)
+
+    async def _relay(self, reply: Answer, call: Call, result: Any, keep_alive: bool) -> int | None:
+        """Write an answer whose body is in the cVM's memory or streamed from it; the body's
+        length, None when it was streamed."""
         transport = self._transport
-        status, body = reply.status, reply.body
         if reply.streamed:
             transport.write(self._response_head(reply.status, reply.headers, None, keep_alive))
             if await relay_stream(self._gateway, call, result.stream, self._write_chunk):
@@ -316,13 +327,11 @@ class InvocationProtocol(asyncio.Protocol):
             else:
                 transport.abort()
             return None
-        if status in (204, 304):  # no body may follow these
-            transport.write(self._response_head(status, reply.headers, 0, keep_alive))
+        body = reply.body
+        if reply.status in (204, 304):
+            transport.write(self._response_head(reply.status, reply.headers, 0, keep_alive))
             return 0
-        if isinstance(body, bytes):
-            transport.write(self._response_head(status, reply.headers, len(body), keep_alive) + body)
-            return len(body)
-        transport.write(self._response_head(status, reply.headers, len(body), keep_alive))
+        transport.write(self._response_head(reply.status, reply.headers, len(body), keep_alive))
         if not await relay_view(self._gateway, body, self._write):  # a view of the cVM's memory
             transport.abort()
         return len(body)
@@ -330,7 +339,7 @@ class InvocationProtocol(asyncio.Protocol):
     def _send(self, response: web.Response, keep_alive: bool) -> None:
         body = response.body
         assert isinstance(body, bytes)
-        self._transport.write(self._response_head(response.status, dict(response.headers), len(body), keep_alive) + body)
+        self._send_bytes(response.status, dict(response.headers), body, keep_alive)
 
     async def _write(self, data: Any) -> None:
         self._transport.write(data)
@@ -347,7 +356,9 @@ class InvocationProtocol(asyncio.Protocol):
             await self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
 
     def _response_head(self, status: int, headers: dict[str, str], length: int | None, keep_alive: bool) -> bytes:
-        lines = "".join([f"{key}: {value}\r\n" for key, value in headers.items()])
+        lines = "\r\n".join(map(": ".join, headers.items()))  # each item a (name, value) pair of text
+        if lines:
+            lines += "\r\n"
         if length and "Content-Type" not in headers and not any(key.lower() == "content-type" for key in headers):
             lines += "Content-Type: application/octet-stream\r\n"
         if length is None:

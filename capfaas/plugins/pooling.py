@@ -164,10 +164,11 @@ class FunctionPool:
     async def acquire(self) -> tuple[CVM, bool]:
         """A slot in a busy instance, an idle instance, a new one, or a place in the queue;
         returns (cvm, cold). Every acquire is paired with one ``release``."""
-        for cvm in list(self.partial) if self.partial else ():
-            if cvm.state is not State.STOPPED:
-                return self._lease(cvm), False
-            self.partial.discard(cvm)
+        if self.partial:
+            for cvm in list(self.partial):
+                if cvm.state is not State.STOPPED:
+                    return self._lease(cvm), False
+                self.partial.discard(cvm)
         while self.idle:
             cvm = self.idle.pop()  # the most recently used: its pages are the warmest
             self.idle_since.pop(cvm, None)
@@ -232,15 +233,18 @@ class FunctionPool:
 
     def _fill(self, cvm: CVM) -> None:
         """Hand ``cvm``'s free slots to waiters; keep it on offer while slots remain."""
-        while cvm.in_flight < self.spec.limits.concurrency and self.waiters:
-            waiter = self.waiters.popleft()
+        slots = self.spec.limits.concurrency
+        waiters = self.waiters
+        while waiters and cvm.in_flight < slots:
+            waiter = waiters.popleft()
             if not waiter.done():
                 cvm.in_flight += 1
                 waiter.set_result(cvm)
-        if 0 < cvm.in_flight < self.spec.limits.concurrency:
-            self.partial.add(cvm)
-        else:
-            self.partial.discard(cvm)
+        if slots > 1:  # one at a time, an instance is never partly taken
+            if 0 < cvm.in_flight < slots:
+                self.partial.add(cvm)
+            else:
+                self.partial.discard(cvm)
 
     def release(self, cvm: CVM) -> None:
         """Give an instance back after an invocation; a stopped or worn-out one is replaced on

@@ -13,6 +13,7 @@ from typing import Any
 
 from capfaas.core import wire
 from capfaas.core.console import Console, console_pipes
+from capfaas.core.control import ControlChannel, buffer_limit
 from capfaas.core.backend import (Availability, Backend, BackendError, CVMProcess, LaunchRequest, TemplateFailed,
                                   TemplateProcess)
 from capfaas.core.spec import FunctionSpec
@@ -31,16 +32,15 @@ PASSED_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "CAPFAAS_PUREPYTHON", "CAP
 class EmulatedProcess(CVMProcess):
     """A cVM forked by the template; it is not our child, so it is watched through a pidfd."""
 
-    def __init__(self, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 ended: asyncio.Future[str], console: Console, grant_channel: socket.socket) -> None:
+    def __init__(self, pid: int, channel: ControlChannel, control: socket.socket, ended: asyncio.Future[str],
+                 console: Console, grant_channel: socket.socket) -> None:
         self.pid = pid
-        self.reader = reader
-        self.writer = writer
+        self.channel = channel
         self.console = console
         self.grant_channel = grant_channel
-        self.control: socket.socket | None = None
+        self.control = control
         """The control channel's socket itself (a spare clone's region is sent on it with its fd)."""
-        self._control_fd = writer.transport.get_extra_info("socket").fileno()
+        self._control_fd = control.fileno()
         self._readable = select.poll()
         self._readable.register(self._control_fd, select.POLLIN)
         self._spin_buffer = bytearray(SPIN_READ)
@@ -55,8 +55,6 @@ class EmulatedProcess(CVMProcess):
         return self._ended.done()
 
     def read_reply(self, seconds: float) -> bytes | memoryview | None:
-        if self.reader._buffer:  # noqa: SLF001 -- bytes the event loop already read come first
-            return None
         if not spin_until_readable(self._readable, time.perf_counter() + seconds):
             return None
         try:
@@ -73,7 +71,7 @@ class EmulatedProcess(CVMProcess):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.writer.close()
+        self.channel.close()
         self.grant_channel.close()
 
     async def wait(self) -> str:
@@ -100,11 +98,10 @@ async def _attach(pid: int, sock: socket.socket, grant_channel: socket.socket, s
                   output_limit: int, ended: asyncio.Future[str]) -> EmulatedProcess:
     """The intravisor's side of a started cVM: its console, its control and grant channels."""
     console = Console(stdout_fd, stderr_fd, output_limit)
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+    channel = ControlChannel(buffer_limit(output_limit))
+    await asyncio.get_running_loop().create_unix_connection(lambda: channel, sock=sock)
     grant_channel.setblocking(False)  # a cVM that stops taking its grants must not stall the intravisor
-    process = EmulatedProcess(pid, reader, writer, ended, console, grant_channel)
-    process.control = sock
-    return process
+    return EmulatedProcess(pid, channel, sock, ended, console, grant_channel)
 
 
 def grant_channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -254,7 +251,7 @@ class EmulatedTemplate(TemplateProcess):
                 spare = await self._spares.pop()
             except OSError:
                 continue
-            if spare.exited or spare.reader.at_eof():  # it died while it waited
+            if spare.exited or spare.channel.ended:  # it died while it waited
                 spare.kill()
                 continue
             return spare

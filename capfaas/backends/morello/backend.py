@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 from capfaas import __version__
 from capfaas.core.backend import Availability, Backend, BackendError, CVMProcess, LaunchRequest
 from capfaas.core.console import Console
+from capfaas.core.control import StreamControlChannel, buffer_limit
 from capfaas.core.spec import FunctionSpec
 
 from . import cvm_yaml
@@ -102,21 +103,21 @@ class MorelloProcess(CVMProcess):
         self.backend = backend
         self.monitor = monitor
         self.pid = monitor.pid
-        self.reader = connection.reader
-        self.writer = writer  # type: ignore[assignment]  # a StreamWriter that inlines staged payloads
+        self.channel = StreamControlChannel(connection.reader, writer, buffer_limit(request.spec.limits.output))
+        """Over the agent's connection; the writer inlines staged payloads."""
         self.console = console
         self.request = request
         self._ended: str | None = None
 
     def kill(self) -> None:
         self.monitor.kill()
-        self.writer.close()
+        self.channel.close()
 
     async def wait(self) -> str:
         if self._ended is None:
             self._ended = await self.monitor.wait()
             self.console.close()
-            self.writer.close()
+            self.channel.close()
             self.backend.finished(self.monitor, self.request)
         return self._ended
 
