@@ -50,7 +50,7 @@ class Scaling:
     scale_to_zero: bool = True
     idle_timeout: float = 300.0
     """Seconds an instance may sit idle before it is stopped (down to ``min``)."""
-    recycle_after: int = 10_000
+    recycle_after: int = 100_000
     """Invocations after which an instance is replaced by a fresh clone."""
     recycle_rss: int = 512 << 20
     """Peak resident memory (bytes) past which an instance is replaced after its invocation."""
