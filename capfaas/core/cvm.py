@@ -17,8 +17,6 @@ from .control import ChannelClosed, ProtocolViolation
 from .deadlines import Deadlines
 from .spec import FunctionSpec
 
-__all__ = ["CVM", "ChannelClosed", "ProtocolViolation", "State"]
-
 
 _pack = wire.packer()
 """The intravisor's encoder: every cVM's channel is written from the event loop's one thread."""
@@ -130,7 +128,7 @@ class CVM:
                 await channel.drain()
             if early is not None:
                 self._answer(early)
-            while True:
+            while True:  # receive(), inlined: one coroutine fewer per reply
                 reply = channel.next_message()
                 self.answered_directly = reply is not None
                 if reply is None:

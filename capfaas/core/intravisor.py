@@ -23,7 +23,8 @@ from .backend import Backend, LaunchRequest, Region, TemplateFailed, TemplatePro
 from .broker import Broker, SharingUnavailable
 from .capability import Capability
 from .channels import ChannelRefused, channel_table
-from .cvm import CVM, ChannelClosed, ProtocolViolation, State
+from .control import ChannelClosed, ProtocolViolation
+from .cvm import CVM, State
 from .deadlines import Deadlines
 from .entries import EntryTable
 from .faults import CapabilityFault, TagFault
