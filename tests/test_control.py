@@ -110,3 +110,22 @@ async def test_a_cvm_flooding_its_channel_is_not_buffered_without_bound(make) ->
     assert channel.next_message() is None
     channel.close()
     peer.close()
+
+
+@pytest.mark.parametrize("make", KINDS)
+async def test_messages_held_from_a_flood_are_still_taken_after_the_cvm_is_gone(make) -> None:
+    channel, peer = await make()
+    message = wire.pack({"op": "spam"})
+    peer.sendall(message * (MAX_QUEUED + 10))
+    for _ in range(50):
+        if len(channel._messages) > MAX_QUEUED:  # noqa: SLF001 -- paused by now
+            break
+        await asyncio.sleep(0.01)
+    peer.close()
+    channel.close()
+    taken = 0
+    with pytest.raises(ChannelClosed):
+        while True:
+            await _next(channel)
+            taken += 1
+    assert taken > MAX_QUEUED

@@ -60,8 +60,7 @@ class ControlChannel(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._end(ChannelClosed())
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_exception(ConnectionResetError("the cVM's control channel closed"))
+        self.resume_writing()  # whoever drains goes on to find the channel closed
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
