@@ -301,7 +301,7 @@ class InvocationProtocol(asyncio.Protocol):
         try:
             reply = answer(gateway, deployed, call, result, cold)
             body = reply.body
-            if type(body) is bytes and not reply.streamed:  # the usual answer: written at once
+            if not reply.streamed and (type(body) is bytes or reply.status in (204, 304)):  # written at once
                 length = self._send_bytes(reply.status, reply.headers, body, keep_alive)
             else:
                 length = await self._relay(reply, call, result, keep_alive)
@@ -309,8 +309,8 @@ class InvocationProtocol(asyncio.Protocol):
         finally:
             finished_call(deployed.pool.release, cvm, gateway.metrics.meter(call.name), result.duration, status, length)
 
-    def _send_bytes(self, status: int, headers: dict[str, str], body: bytes, keep_alive: bool) -> int:
-        if status in (204, 304):  # no body may follow these
+    def _send_bytes(self, status: int, headers: dict[str, str], body: Any, keep_alive: bool) -> int:
+        if status in (204, 304):  # no body may follow these (whatever the function returned)
             self._transport.write(self._response_head(status, headers, 0, keep_alive))
             return 0
         self._transport.write(self._response_head(status, headers, len(body), keep_alive) + body)
@@ -328,9 +328,6 @@ class InvocationProtocol(asyncio.Protocol):
                 transport.abort()
             return None
         body = reply.body
-        if reply.status in (204, 304):
-            transport.write(self._response_head(reply.status, reply.headers, 0, keep_alive))
-            return 0
         transport.write(self._response_head(reply.status, reply.headers, len(body), keep_alive))
         if not await relay_view(self._gateway, body, self._write):  # a view of the cVM's memory
             transport.abort()
