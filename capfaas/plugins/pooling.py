@@ -279,8 +279,11 @@ class FunctionPool:
         try:
             cvm = await self._start()
         except Exception as exc:  # the waiter gets the error rather than hanging
-            if self.waiters:
-                self.waiters.popleft().set_exception(exc)
+            while self.waiters:
+                waiter = self.waiters.popleft()
+                if not waiter.done():  # not one whose request went away
+                    waiter.set_exception(exc)
+                    break
             return
         self._hand_over(cvm)
 
