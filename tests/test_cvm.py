@@ -325,3 +325,46 @@ async def test_each_invocation_gets_the_output_it_printed_quick_or_slow(
         assert result.stdout == f"said {text}\n".encode(), (text, result.stdout)
         directly.add(cvm.answered_directly)
     assert directly == {True, False}  # both ways were taken
+
+
+async def test_dispatch_calls_back_once_and_an_abandoned_invocation_never(
+        intravisor: Intravisor, tmp_path: Path) -> None:
+    """The intravisor's invocations without a coroutine: ``done`` gets the result (at once when the
+    cVM answered within the busy-wait); after ``abandon`` it is never called, and the cVM is left
+    busy for the caller to stop, since its reply would come to the next invocation."""
+    import asyncio
+
+    cvm = await intravisor.create(write_function(tmp_path, "napper", """
+        import time
+        def handle(event, context):
+            time.sleep(float(event.text or 0))
+            return "woke"
+    """))
+    results: list[tuple[object, object]] = []
+    for text in (b"", b"", b"0.05"):
+        finished = asyncio.Event()
+        intravisor.dispatch(cvm, Invocation(body=text), lambda result, error: (results.append((result, error)),
+                                                                                   finished.set()))
+        await asyncio.wait_for(finished.wait(), 5)
+    assert [(result.status, result.body, error) for result, error in results] == [(200, b"woke", None)] * 3
+    results.clear()
+    running = intravisor.dispatch(cvm, Invocation(body=b"0.2"), lambda result, error: results.append((result, error)))
+    assert intravisor.abandon(running) and not intravisor.abandon(running)
+    await asyncio.sleep(0.5)  # its reply has come by now
+    assert results == [] and cvm.state is State.BUSY
+    await intravisor.stop(cvm, "abandoned")
+
+
+async def test_dispatch_reports_a_crash_to_done(intravisor: Intravisor, tmp_path: Path) -> None:
+    import asyncio
+
+    cvm = await intravisor.create(write_function(tmp_path, "quitter", """
+        import os
+        def handle(event, context):
+            os._exit(7)
+    """))
+    results = asyncio.get_running_loop().create_future()
+    running = intravisor.dispatch(cvm, Invocation(), lambda result, error: results.set_result((result, error)))
+    result, error = await asyncio.wait_for(results, 5)
+    assert error is None and result.status == 502 and result.outcome == "crashed" and "status 7" in result.body.decode()
+    assert not intravisor.abandon(running) and cvm.state is State.STOPPED

@@ -14,7 +14,6 @@ from .backend import CVMProcess, Region
 from .capability import Capability
 from .channels import is_request
 from .control import ChannelClosed, ProtocolViolation
-from .deadlines import Deadlines
 from .spec import FunctionSpec
 
 
@@ -53,6 +52,8 @@ class CVM:
     """Why the intravisor stopped this cVM for breaking a capability rule, if it did."""
     reply_seconds: float = 0.0
     """How long the cVM took to answer its last invocation (one at a time)."""
+    _sent: float = field(default=0.0, repr=False)
+    """When its last invocation was sent (``time.perf_counter``)."""
     answered_directly: bool = False
     """Whether its last reply was read straight from the socket while the event loop waited:
     output it wrote before that reply may still be in the console's pipes."""
@@ -101,58 +102,54 @@ class CVM:
         if channel.congested:  # not all sent at once: wait until it drains
             await channel.drain()
 
-    async def exchange(self, message: dict[str, Any], deadline: float, deadlines: Deadlines,
-                       spin: float = 0.0) -> dict[str, Any]:
-        """Send an invocation and wait for its reply; at ``deadline`` (event loop time, watched by
-        ``deadlines``) the cVM is killed. One at a time, replies come back in order (``spin``:
-        seconds to busy-wait for a quick one first, which then needs no watching); a cVM serving
-        several at once gets one reader that hands each reply to its caller by id."""
-        if self.spec.limits.concurrency > 1:
-            return await self._exchange_concurrently(message, deadlines, deadlines.watch(deadline, self.expire))
+    def post(self, message: dict[str, Any], spin: float = 0.0) -> dict[str, Any] | None:
+        """Send an invocation (one at a time); its reply when it came within ``spin`` seconds of
+        busy-waiting, read straight from the socket (a quick reply then needs no event loop turn)."""
         channel = self.process.channel
         channel.write(_pack(message))
-        sent = time.perf_counter()
-        early = None
+        self._sent = time.perf_counter()
         if spin and not channel.congested and not channel.has_messages:
             data = self.process.read_reply(spin)
             if data is not None:
                 channel.feed(data)
-                early = channel.next_message()
-                if early is not None and not is_request(early):
-                    self.reply_seconds = time.perf_counter() - sent
-                    self.answered_directly = True
-                    return early
-        watched = deadlines.watch(deadline, self.expire)
-        try:
-            if channel.congested:  # not all sent at once: wait until it drains
-                await channel.drain()
-            if early is not None:
-                self._answer(early)
-            while True:  # receive(), inlined: one coroutine fewer per reply
-                reply = channel.next_message()
-                self.answered_directly = reply is not None
-                if reply is None:
-                    reply = await channel.wait()
-                if not is_request(reply):
-                    self.reply_seconds = time.perf_counter() - sent
-                    return reply
-                self._answer(reply)
-        finally:
-            deadlines.unwatch(watched)
+                return self.next_reply()
+        return None
 
-    async def _exchange_concurrently(self, message: dict[str, Any], deadlines: Deadlines,
-                                     watched: int) -> dict[str, Any]:
+    def next_reply(self) -> dict[str, Any] | None:
+        """The running invocation's reply if it has come (requests sent before it are served);
+        None while it has not; ChannelClosed or ProtocolViolation once the channel has ended."""
+        channel = self.process.channel
+        while True:
+            message = channel.next_message()
+            if message is None:
+                self.answered_directly = False
+                return None
+            if self.arrived(message) is not None:
+                self.answered_directly = True
+                return message
+
+    def arrived(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """A message for the running invocation (one at a time): its reply, or None when it was a
+        request, which is served."""
+        if is_request(message):
+            self._answer(message)
+            return None
+        self.reply_seconds = time.perf_counter() - self._sent
+        return message
+
+    def post_concurrently(self, message: dict[str, Any]) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+        """Send one of several invocations running at once: one reader hands each reply to the
+        future returned here, by sequence number (``forget`` it once it is no longer awaited)."""
         waiter = asyncio.get_running_loop().create_future()
         sequence = message["seq"] = next(self._sequence)
         self._pending[sequence] = waiter
         if self._reader is None:
             self._reader = asyncio.ensure_future(self._read_replies())
-        try:
-            await self.send(message)
-            return await waiter
-        finally:
-            self._pending.pop(sequence, None)
-            deadlines.unwatch(watched)
+        self.process.channel.write(_pack(message))
+        return sequence, waiter
+
+    def forget(self, sequence: int) -> None:
+        self._pending.pop(sequence, None)
 
     def expire(self) -> None:
         """An invocation outlived its timeout: kill the cVM from outside (it may be looping in C

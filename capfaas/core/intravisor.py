@@ -106,6 +106,40 @@ class Result:
     ``chunks()``, then ``finish()``; the cVM stays busy until then."""
 
 
+_WAITING = "waiting"
+_ENDED = "ended"
+
+
+class Running:
+    """An invocation sent to its cVM: what the intravisor needs to end it, however it ends."""
+
+    __slots__ = ("owner", "cvm", "invocation", "done", "started", "timeout", "top_level", "phase", "watched",
+                 "waiter", "sequence")
+
+    def __init__(self, owner: Intravisor, cvm: CVM, invocation: Invocation,
+                 done: Callable[[Result | None, Exception | None], None], started: float, timeout: float,
+                 top_level: str | None) -> None:
+        self.owner = owner
+        self.cvm = cvm
+        self.invocation = invocation
+        self.done = done
+        self.started = started
+        """``time.monotonic()`` when it was sent; its deadline is ``timeout`` seconds later."""
+        self.timeout = timeout
+        self.top_level = top_level
+        """Its own id when it is a top-level invocation, whose shared buffers end with it."""
+        self.phase = _WAITING
+        self.watched: int | None = None
+        """Its deadline's key in ``Deadlines``."""
+        self.waiter: asyncio.Future[dict[str, Any]] | None = None
+        """The future of its reply, once it had to wait for one."""
+        self.sequence: int | None = None
+        """Its number among the invocations a cVM runs at once (None: one at a time)."""
+
+    def replied(self, waiter: asyncio.Future[dict[str, Any]]) -> None:
+        self.owner._replied(self, waiter)
+
+
 class Intravisor:
     """The monitor of all cVMs on one backend."""
 
@@ -128,6 +162,8 @@ class Intravisor:
         self._scopes = itertools.count(1)
         self._running = 0
         """Invocations under way on every cVM: the intravisor busy-waits for a reply only when alone."""
+        self._failing: set[asyncio.Task[None]] = set()
+        """Invocations being ended without a valid reply (their cVM stopped first)."""
         self.deadlines = Deadlines()
         """Every waiting invocation's timeout."""
         self.entries = EntryTable()
@@ -287,7 +323,32 @@ class Intravisor:
     async def invoke(self, cvm: CVM, invocation: Invocation, timeout: float | None = None) -> Result:
         """Run one invocation on a ready or idle cVM; timeouts and crashes stop the cVM.
 
-        ``timeout`` can only shorten the function's own (a caller's remaining time)."""
+        ``timeout`` can only shorten the function's own (a caller's remaining time). Cancelled,
+        the invocation is abandoned: its cVM is left busy, for the caller to stop."""
+        waiter: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+
+        def done(result: Result | None, error: Exception | None) -> None:
+            if waiter.done():  # cancelled
+                return
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                assert result is not None
+                waiter.set_result(result)
+
+        running = self.dispatch(cvm, invocation, done, timeout)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self.abandon(running)
+            raise
+
+    def dispatch(self, cvm: CVM, invocation: Invocation, done: Callable[[Result | None, Exception | None], None],
+                 timeout: float | None = None) -> Running:
+        """Send one invocation to a ready or idle cVM; ``done(result, None)`` is called with its
+        result (already before this returns when the cVM answered within the busy-wait), or
+        ``done(None, error)`` with an error that is not the function's. Callbacks, not a coroutine:
+        the gateway answers a warm invocation without a task of its own."""
         limits = cvm.spec.limits
         state = cvm.state
         if state is not State.IDLE and state is not State.READY and not (
@@ -297,54 +358,150 @@ class Intravisor:
         cvm.busy += 1
         cvm.invocations += 1
         cvm.root = scope = invocation.root or f"{invocation.id}#{next(self._scopes)}"  # ids can repeat
-        top_level = None if invocation.chain else scope
-        started = time.monotonic()
-        timeout = limits.timeout if timeout is None or timeout > limits.timeout else timeout
+        running = Running(self, cvm, invocation, done, time.monotonic(),
+                          limits.timeout if timeout is None or timeout > limits.timeout else timeout,
+                          None if invocation.chain else scope)
         if self._invoke_hooks:
             self.pm.hook.capfaas_before_invoke(spec=cvm.spec, invocation_id=invocation.id)
         self._running += 1
         try:
-            message = self._invoke_message(cvm, invocation, time.time() + timeout)
-            reply = await cvm.exchange(message, started + timeout, self.deadlines,  # the loop's clock
-                                       REPLY_SPIN if self._running == 1 and cvm.reply_seconds < REPLY_SPIN else 0.0)
-            result = self._result(cvm, reply)
-            if result.stream is not None:  # the body follows through a CAP_Stream: the cVM stays busy
-                result.stream = OutputStream(self, cvm, *result.stream, started + timeout, top_level)
-                result.stdout, result.stderr = cvm.process.console.take()
-                return result
-            cvm.busy -= 1
-            if not cvm.busy:
-                cvm.state = State.IDLE
-        except (ChannelClosed, ConnectionError):
-            how = await self.stop(cvm, "timeout" if cvm.expired else "crashed")
-            if cvm.expired:
-                result = _failure(504, "timeout", "TimeoutError",
-                                  f"function {cvm.spec.name!r} ran longer than its {timeout:g} s timeout "
-                                  "(limit: timeout); its cVM was stopped")
-            elif cvm.fault:  # stopped for what it sent while calling another function
-                result = _failure(502, "fault", "CapabilityFault",
-                                  f"function {cvm.spec.name!r} broke the rules and its cVM was stopped: {cvm.fault}")
+            message = self._invoke_message(cvm, invocation, time.time() + running.timeout)
+            if limits.concurrency > 1:
+                running.sequence, running.waiter = cvm.post_concurrently(message)
+                reply = None
             else:
-                result = _failure(502, "crashed", "CVMCrashed",
-                                  f"function {cvm.spec.name!r} crashed: its cVM {how}{_limit_hint(how)}")
-        except SharingUnavailable as exc:  # nothing was sent: the cVM is as it was
-            cvm.busy -= 1
-            if not cvm.busy:
-                cvm.state = State.IDLE
-            result = _failure(501, "error", "StreamUnavailable",
-                              f"function {cvm.spec.name!r} cannot receive a stream ({exc}): it must serve one "
-                              "invocation at a time on a backend that maps shared objects")
-        except (ProtocolViolation, CapabilityFault) as exc:
-            await self.stop(cvm, "fault")
-            result = _failure(502, "fault", type(exc).__name__,
-                              f"function {cvm.spec.name!r} broke the rules and its cVM was stopped: {exc}")
-        finally:
+                reply = cvm.post(message, REPLY_SPIN if self._running == 1 and cvm.reply_seconds < REPLY_SPIN else 0.0)
+        except (ChannelClosed, ConnectionError, SharingUnavailable, ProtocolViolation, CapabilityFault) as exc:
+            self._end(running, None, exc)
+            return running
+        except BaseException:
             self._running -= 1
-        self.broker.end_invocation(cvm, top_level)
+            raise
+        if reply is not None:
+            self._end(running, reply, None)
+            return running
+        running.watched = self.deadlines.watch(running.started + running.timeout, cvm.expire)  # the loop's clock
+        self._await_reply(running)
+        return running
+
+    def abandon(self, running: Running) -> bool:
+        """Stop waiting for an invocation's reply (its caller went away): ``done`` is not called.
+        The cVM stays busy, for the caller to stop, since its reply would come to the next
+        invocation. False when the invocation was ending already (``done`` will be called)."""
+        if running.phase is not _WAITING:
+            return False
+        running.phase = _ENDED
+        self._running -= 1
+        if running.watched is not None:
+            self.deadlines.unwatch(running.watched)
+        if running.waiter is not None:
+            running.waiter.cancel()
+        if running.sequence is not None:
+            running.cvm.forget(running.sequence)
+        return True
+
+    def _await_reply(self, running: Running) -> None:
+        if running.waiter is None:  # one at a time: the reply may be queued already
+            try:
+                reply = running.cvm.next_reply()
+            except (ChannelClosed, ProtocolViolation) as exc:
+                self._end(running, None, exc)
+                return
+            if reply is not None:
+                self._end(running, reply, None)
+                return
+            running.waiter = running.cvm.process.channel.wait()
+        running.waiter.add_done_callback(running.replied)
+
+    def _replied(self, running: Running, waiter: asyncio.Future[dict[str, Any]]) -> None:
+        if running.phase is not _WAITING:  # abandoned
+            if not waiter.cancelled():
+                waiter.exception()  # retrieved: what came after nobody waited is not an error to report
+            return
+        error = waiter.exception()
+        reply = None if error is not None else waiter.result()
+        if running.sequence is None:
+            running.waiter = None
+            if reply is not None and running.cvm.arrived(reply) is None:  # a request: the reply is still to come
+                self._await_reply(running)
+                return
+        self._end(running, reply, error)
+
+    def _end(self, running: Running, reply: dict[str, Any] | None, error: BaseException | None) -> None:
+        running.phase = _ENDED
+        if running.watched is not None:
+            self.deadlines.unwatch(running.watched)
+        if running.sequence is not None:
+            running.cvm.forget(running.sequence)
+        if reply is not None:
+            try:
+                result = self._settle(running, reply)
+            except (ProtocolViolation, CapabilityFault) as exc:
+                error = exc
+            else:
+                running.done(result, None)
+                return
+        task = asyncio.ensure_future(self._fail(running, error))
+        self._failing.add(task)
+        task.add_done_callback(self._failing.discard)
+
+    def _settle(self, running: Running, reply: dict[str, Any]) -> Result:
+        """The result of an invocation its cVM answered."""
+        cvm = running.cvm
+        result = self._result(cvm, reply)
+        self._running -= 1
+        if result.stream is not None:  # the body follows through a CAP_Stream: the cVM stays busy
+            result.stream = OutputStream(self, cvm, *result.stream, running.started + running.timeout,
+                                         running.top_level)
+            result.stdout, result.stderr = cvm.process.console.take()
+            return result
+        cvm.busy -= 1
+        if not cvm.busy:
+            cvm.state = State.IDLE
+        return self._finish(running, result)
+
+    async def _fail(self, running: Running, error: BaseException | None) -> None:
+        """The result of an invocation that ended without a valid reply, to ``done``."""
+        self._running -= 1
+        cvm, timeout = running.cvm, running.timeout
+        try:
+            if isinstance(error, (ChannelClosed, ConnectionError)):
+                how = await self.stop(cvm, "timeout" if cvm.expired else "crashed")
+                if cvm.expired:
+                    result = _failure(504, "timeout", "TimeoutError",
+                                      f"function {cvm.spec.name!r} ran longer than its {timeout:g} s timeout "
+                                      "(limit: timeout); its cVM was stopped")
+                elif cvm.fault:  # stopped for what it sent while calling another function
+                    result = _failure(502, "fault", "CapabilityFault",
+                                      f"function {cvm.spec.name!r} broke the rules and its cVM was stopped: {cvm.fault}")
+                else:
+                    result = _failure(502, "crashed", "CVMCrashed",
+                                      f"function {cvm.spec.name!r} crashed: its cVM {how}{_limit_hint(how)}")
+            elif isinstance(error, SharingUnavailable):  # nothing was sent: the cVM is as it was
+                cvm.busy -= 1
+                if not cvm.busy:
+                    cvm.state = State.IDLE
+                result = _failure(501, "error", "StreamUnavailable",
+                                  f"function {cvm.spec.name!r} cannot receive a stream ({error}): it must serve one "
+                                  "invocation at a time on a backend that maps shared objects")
+            else:  # ProtocolViolation, CapabilityFault
+                await self.stop(cvm, "fault")
+                result = _failure(502, "fault", type(error).__name__,
+                                  f"function {cvm.spec.name!r} broke the rules and its cVM was stopped: {error}")
+            result = self._finish(running, result)
+        except Exception as exc:  # noqa: BLE001 - handed to whoever waits for the invocation
+            running.done(None, exc)
+            return
+        running.done(result, None)
+
+    def _finish(self, running: Running, result: Result) -> Result:
+        """An ended invocation's bookkeeping: its buffers released, its output and duration taken."""
+        cvm = running.cvm
+        self.broker.end_invocation(cvm, running.top_level)
         result.stdout, result.stderr = cvm.process.console.take(settled=not cvm.answered_directly)
-        result.duration = time.monotonic() - started
+        result.duration = time.monotonic() - running.started
         if self._invoke_hooks:
-            self.pm.hook.capfaas_after_invoke(spec=cvm.spec, invocation_id=invocation.id,
+            self.pm.hook.capfaas_after_invoke(spec=cvm.spec, invocation_id=running.invocation.id,
                                               status=result.status, duration=result.duration)
         return result
 
