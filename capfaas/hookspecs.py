@@ -52,7 +52,12 @@ def capfaas_channels() -> list[Any]:
 
 @hookspec(firstresult=True)
 def capfaas_pool_factory() -> Any:
-    """Return a factory that builds the pool keeping warm cVMs per function (the first answer wins)."""
+    """Return a factory that builds the pool keeping warm cVMs per function (the first answer wins).
+
+    A pool's ``acquire()`` coroutine returns ``(cvm, cold)`` and ``release(cvm)`` gives it back.
+    A pool may also offer ``take()``, which lets the gateway answer warm invocations without a
+    task: an instance, a future of one, or None when one must be started (see the built-in
+    ``capfaas.plugins.pooling.FunctionPool``)."""
 
 
 @hookspec

@@ -164,31 +164,43 @@ class FunctionPool:
     async def acquire(self) -> tuple[CVM, bool]:
         """A slot in a busy instance, an idle instance, a new one, or a place in the queue;
         returns (cvm, cold). Every acquire is paired with one ``release``."""
+        taken = self.take()
+        if taken is None:
+            return self._lease(await self._start()), True
+        if isinstance(taken, CVM):
+            return taken, False
+        try:
+            return await taken, False
+        except asyncio.CancelledError:
+            if taken.done() and not taken.cancelled():
+                self.release(taken.result())
+            raise
+
+    def take(self) -> CVM | asyncio.Future[CVM] | None:
+        """What ``acquire`` does without a coroutine, when no instance must be started: a slot in a
+        busy instance or an idle one, or the future of one from the queue (cancelled when this
+        version is replaced); None when an instance must be started (``acquire`` starts it);
+        PoolBusy when the queue is full. Every instance taken is paired with one ``release``."""
         if self.partial:
             for cvm in list(self.partial):
                 if cvm.state is not State.STOPPED:
-                    return self._lease(cvm), False
+                    return self._lease(cvm)
                 self.partial.discard(cvm)
         while self.idle:
             cvm = self.idle.pop()  # the most recently used: its pages are the warmest
             self.idle_since.pop(cvm, None)
             if cvm.state is not State.STOPPED:
-                return self._lease(cvm), False
+                return self._lease(cvm)
             self.instances.discard(cvm)
         if self.replicas < self.scaling.max:
-            return self._lease(await self._start()), True
+            return None
         if len(self.waiters) >= self.scaling.queue:
             raise PoolBusy(self.spec.name, retry_after=max(1, round(self.spec.limits.timeout / 10)))
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         waiter: asyncio.Future[CVM] = self._loop.create_future()
         self.waiters.append(waiter)
-        try:
-            return await waiter, False
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release(waiter.result())
-            raise
+        return waiter
 
     async def _start(self) -> CVM:
         await self.budget.make_room(self)  # counts this start once it is under way, just below
