@@ -258,3 +258,87 @@ async def test_connection_close_and_idle_connections_are_closed(gateway: Any) ->
         started = time.monotonic()
         assert await connection.closed()  # after keepalive_timeout (1 s)
         assert 0.8 < time.monotonic() - started < 5
+
+
+def count_tasks_of_invocations(loop: asyncio.AbstractEventLoop) -> list[str]:
+    """Names of the coroutines the gateway's invocation code starts as tasks from now on."""
+    started: list[str] = []
+    default = loop.get_task_factory()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        code = getattr(coro, "cr_code", None)
+        if code is not None and code.co_filename.rsplit("/", 1)[-1] in ("fastpath.py", "warm.py", "app.py",
+                                                                        "intravisor.py", "cvm.py"):
+            started.append(code.co_qualname)
+        return default(loop, coro, **kwargs) if default else asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(factory)
+    return started
+
+
+async def test_a_warm_invocation_is_answered_without_a_task(gateway: Any) -> None:
+    """Request to response by callbacks: a task per invocation cost the gateway more CPU than the
+    rest of a quick invocation's bookkeeping."""
+    _, client = gateway
+    loop = asyncio.get_running_loop()
+    async with connected(client.server.port) as first, connected(client.server.port) as second:
+        for connection in (first, second):  # two instances, warm now
+            connection.send(get("/function/echo"))
+        for connection in (first, second):
+            assert (await connection.response())[0] == 200
+        started = count_tasks_of_invocations(loop)
+        try:
+            for round in range(20):
+                for connection in (first, second):
+                    connection.send(get(f"/function/echo?round={round}", body=b"x", method="POST"))
+                for connection in (first, second):
+                    status, _, body = await connection.response()
+                    assert status == 200 and json.loads(body)["query"] == {"round": str(round)}
+        finally:
+            loop.set_task_factory(None)
+    assert started == []
+
+
+async def test_warm_invocations_leave_no_reference_cycles(gateway: Any) -> None:
+    """Each answered invocation is freed as it ends, not left to the cycle collector, whose
+    pauses would show in the tail latency."""
+    import gc
+
+    _, client = gateway
+    await deploy(client, "sleepy", (FUNCTIONS / "sleepy.py").read_text())
+    async with connected(client.server.port) as connection:
+        connection.send(get("/function/sleepy?seconds=0.001"))  # too slow for a busy-wait: through the event loop
+        assert (await connection.response())[0] == 200
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(200):
+                connection.send(get("/function/sleepy?seconds=0.001"))
+                assert (await connection.response())[0] == 200
+            garbage = gc.collect()
+        finally:
+            gc.enable()
+    assert garbage < 100, f"{garbage} objects in reference cycles after 200 invocations"
+
+
+async def test_a_client_that_leaves_while_queued_frees_its_place(gateway: Any) -> None:
+    """A request waiting for the only instance goes away: the instance is not handed to it, and
+    the next request is served as soon as the instance is free."""
+    _, client = gateway
+    await deploy(client, "sleepy", (FUNCTIONS / "sleepy.py").read_text(), labels={"com.openfaas.scale.max": "1"})
+    async with connected(client.server.port) as busy:
+        busy.send(get("/function/sleepy?seconds=0"))
+        assert (await busy.response())[0] == 200
+        busy.send(get("/function/sleepy?seconds=0.5"))
+        leaving = await Connection.open(client.server.port)
+        leaving.send(get("/function/sleepy?seconds=0"))
+        await asyncio.sleep(0.2)  # queued behind the busy one
+        leaving.close()
+        assert (await busy.response())[0] == 200
+        started = time.monotonic()
+        busy.send(get("/function/sleepy?seconds=0"))
+        status, _, body = await busy.response()
+        assert status == 200 and body == b"slept 0 s\n" and time.monotonic() - started < 2
+    gateway_state, _ = gateway
+    pool = gateway_state.service.get("sleepy").pool
+    assert not [waiter for waiter in pool.waiters if not waiter.done()] and len(pool.idle) == 1

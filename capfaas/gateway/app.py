@@ -522,7 +522,15 @@ async def _read_rest(request: web.Request, gateway: Gateway, cvm: Any, prefix: b
     return cap, filled
 
 
-def _retire(gateway: Gateway, pool: Any, cvm: Any, reason: str) -> None:
+def invocation_failed(gateway: Gateway, pool: Any, cvm: Any, call: Call, exc: Exception) -> web.Response:
+    """The response when invoking raised (the gateway's or the backend's failure, not the
+    function's); the instance is retired."""
+    retire(gateway, pool, cvm, "the invocation failed")
+    return _json_error(502, "the function's instance failed", type(exc).__name__,
+                       f"function {call.name!r} could not be invoked: {exc}", call.call_id)
+
+
+def retire(gateway: Gateway, pool: Any, cvm: Any, reason: str) -> None:
     """Stop an instance whose invocation was abandoned half-way (its reply would come to the next
     caller), then give it back to its pool, which replaces it on demand."""
     task = asyncio.ensure_future(gateway.intravisor.stop(cvm, reason))
@@ -582,27 +590,60 @@ def finished_call(release: Callable[[Any], None], cvm: Any, meter: FunctionMeter
         meter.finished(str(status), seconds, length or 0)
 
 
+def acquire_failed(name: str, exc: BaseException) -> web.Response:
+    """The response when no instance of ``name`` could be had."""
+    if isinstance(exc, PoolBusy):
+        return _text(429, str(exc), **{"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, FunctionLoadError):
+        return _text(502, f"function {name!r} failed to start: {exc}")
+    return _text(502, f"function {name!r} could not start an instance: {exc}")
+
+
+def not_found(name: str) -> web.Response:
+    return _text(404, f"function {name!r} not found")
+
+
 async def _acquire(gateway: Gateway, name: str) -> tuple[Any, Any, bool] | web.Response:
     """The current version of ``name`` and an instance of it; a response when there is none."""
     while True:
         deployed = gateway.service.get(name)
         if deployed is None:
-            return _text(404, f"function {name!r} not found")
+            return not_found(name)
         pool = deployed.pool
         try:
             cvm, cold = await pool.acquire()
             return deployed, cvm, cold
-        except PoolBusy as exc:
-            return _text(429, str(exc), **{"Retry-After": str(exc.retry_after)})
-        except FunctionLoadError as exc:
-            return _text(502, f"function {name!r} failed to start: {exc}")
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if pool.closed and task is not None and not task.cancelling():
                 continue  # a new version replaced the one this request queued for: queue there
             raise
         except Exception as exc:
-            return _text(502, f"function {name!r} could not start an instance: {exc}")
+            return acquire_failed(name, exc)
+
+
+def new_scope(call_id: str) -> str:
+    """The scope of an invocation's shared buffers: the client chooses X-Call-Id, this is ours alone."""
+    return f"{call_id}#{next(_scopes)}"
+
+
+def begin_invocation(gateway: Gateway, deployed: Any, call: Call, body: Any, length: int | None,
+                     scope: str) -> Invocation:
+    """Count an invocation as started (in the gateway's in-flight count too, which shutdown
+    drains: pair it with ``end_invocation``), and make it."""
+    meter = gateway.metrics.meter(call.name)
+    meter.started[0] += 1
+    meter.bytes_in[0] += length or len(body)
+    deployed.invocations += 1
+    gateway.in_flight += 1
+    return Invocation(method=call.method, path=call.path, query=call.query, headers=call.headers,
+                      body=body, length=length, id=call.call_id, root=scope)
+
+
+def end_invocation(gateway: Gateway) -> None:
+    gateway.in_flight -= 1
+    if gateway.in_flight == 0:
+        gateway.drained.set()
 
 
 async def run_call(gateway: Gateway, call: Call, prefix: bytes, complete: bool,
@@ -611,7 +652,7 @@ async def run_call(gateway: Gateway, call: Call, prefix: bytes, complete: bool,
     invoke; the outcome, or the error response that ends the call."""
     name, call_id = call.name, call.call_id
     started = time.monotonic()
-    scope = f"{call_id}#{next(_scopes)}"  # the client chooses X-Call-Id: this is ours alone
+    scope = new_scope(call_id)
     acquired = await _acquire(gateway, name)
     if type(acquired) is not tuple:
         return acquired
@@ -645,13 +686,7 @@ async def run_call(gateway: Gateway, call: Call, prefix: bytes, complete: bool,
     except BaseException:
         pool.release(cvm)
         raise
-    meter = gateway.metrics.meter(name)
-    meter.started[0] += 1
-    meter.bytes_in[0] += length or len(body)
-    deployed.invocations += 1
-    invocation = Invocation(method=call.method, path=call.path, query=call.query, headers=call.headers,
-                            body=body, length=length, id=call_id, root=scope)
-    gateway.in_flight += 1
+    invocation = begin_invocation(gateway, deployed, call, body, length, scope)
     try:
         if streamed:
             assert request is not None
@@ -662,16 +697,12 @@ async def run_call(gateway: Gateway, call: Call, prefix: bytes, complete: bool,
         else:
             result = await gateway.intravisor.invoke(cvm, invocation)
     except asyncio.CancelledError:
-        _retire(gateway, pool, cvm, "the client went away during the invocation")
+        retire(gateway, pool, cvm, "the client went away during the invocation")
         raise
     except Exception as exc:
-        _retire(gateway, pool, cvm, "the invocation failed")
-        return _json_error(502, "the function's instance failed", type(exc).__name__,
-                           f"function {name!r} could not be invoked: {exc}", call_id)
+        return invocation_failed(gateway, pool, cvm, call, exc)
     finally:
-        gateway.in_flight -= 1
-        if gateway.in_flight == 0:
-            gateway.drained.set()
+        end_invocation(gateway)
     return deployed, result, cold, cvm
 
 

@@ -4,8 +4,9 @@ aiohttp's per-request machinery (request, response and header objects, routing, 
 costs more CPU than a no-op invocation itself. So each connection starts with an
 ``InvocationProtocol``: httptools parses its requests, and a plain, complete invocation
 (``/function/{name}[/path]`` over HTTP/1.1, a body of at most ``INLINE_LIMIT`` bytes framed by
-Content-Length, all of it already arrived) is answered by the same code the aiohttp route runs
-(``run_call``, ``answer``, ``relay_view``, ``relay_stream``), with the same statuses and headers.
+Content-Length, all of it already arrived) is answered with the same statuses and headers as the
+aiohttp route: by callbacks on a warm instance (``WarmCall``), otherwise from a task through the
+route's own code (``run_call``, ``answer``, ``relay_view``, ``relay_stream``).
 
 Anything else (another route, HTTP/1.0, HEAD, a large or chunked body, ``Expect``, an upgrade, a
 percent-encoded path or query, a head or body still on its way, malformed HTTP) hands the
@@ -33,6 +34,7 @@ from capfaas.core.runtime import INLINE_LIMIT
 
 from .app import STATE, Answer, Gateway, answer, finished_call, relay_stream, relay_view, run_call
 from .calls import HIDDEN_HEADERS, Call, call_id_of, header_text
+from .warm import Outcome, WarmCall
 
 log = logging.getLogger("capfaas.gateway")
 
@@ -41,7 +43,8 @@ MAX_HEADERS = 100
 """A request with a longer head, or more header lines, goes to aiohttp, which applies its limits."""
 MAX_PIPELINED = 16
 """Complete requests waiting for their turn on one connection before it stops reading."""
-_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE"})
+_METHODS = {method.encode(): method for method in ("GET", "POST", "PUT", "PATCH", "DELETE")}
+_HANDED_OVER_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _PREFIX = b"/function/"
 _LEFT_TO_AIOHTTP = re.compile(rb"[%;#]|/\.|//")
 """Marks in a URL whose decoding or normalising is aiohttp's."""
@@ -72,8 +75,18 @@ class InvocationProtocol(asyncio.Protocol):
         self._body: list[bytes] = []
         self._head_size = 0
         self._length = 0
-        self._ready: deque[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes, bool]] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._method = ""
+        self._seen: dict[str, str] = {}
+        self._call_id: str | None = None
+        """The method, the headers a function sees, and X-Call-Id, of the request being parsed."""
+        self._ready: deque[tuple[Call, bytes, bool]] = deque()
+        self._under_way: WarmCall | asyncio.Task[None] | None = None
+        """The answer being made: a ``WarmCall``, or a task where one is needed."""
+        self._looping = False
+        """Whether ``_answer_next`` is answering requests (one answered at once lets it go on)."""
+        self._current: Call | None = None
+        self._keep_alive = True
+        """The request under way, and whether its connection stays open after its answer."""
         self._handover: bytes | None = None
         """Set when the connection is aiohttp's as soon as the answers under way are sent."""
         self._closing = False
@@ -96,8 +109,8 @@ class InvocationProtocol(asyncio.Protocol):
         self._front.opened(self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._task is not None:  # the client left mid-invocation: its instance is retired (see run_call)
-            self._task.cancel()
+        if self._under_way is not None:  # the client left mid-invocation: its instance is retired
+            self._under_way.cancel()
         if self._writable is not None and not self._writable.done():
             self._writable.set_exception(ConnectionResetError("the client closed the connection"))
         self._forget()
@@ -113,7 +126,7 @@ class InvocationProtocol(asyncio.Protocol):
         """Close a connection idle for ``keepalive_timeout`` (a new one that never sent a request too)."""
         timeout = self._gateway.settings.keepalive_timeout
         now = self._loop.time()
-        if self._task is None and now - self._last_active >= timeout:
+        if self._under_way is None and now - self._last_active >= timeout:
             self._transport.close()
             return
         self._idle = self._loop.call_at(max(self._last_active, now) + timeout, self._check_idle)
@@ -121,7 +134,7 @@ class InvocationProtocol(asyncio.Protocol):
     def close_when_idle(self) -> None:
         """Graceful shutdown: finish the answer under way, then close."""
         self._closing = True
-        if self._task is None:
+        if self._under_way is None:
             self._transport.close()
 
     def abort(self) -> None:
@@ -151,8 +164,8 @@ class InvocationProtocol(asyncio.Protocol):
             self._hand_over()
             return
         self._raw = b""
-        if self._ready and self._task is None:
-            self._task = self._loop.create_task(self._serve())
+        if self._ready and self._under_way is None:
+            self._answer_next()
         if len(self._ready) > MAX_PIPELINED and self._reading:
             self._reading = False
             self._transport.pause_reading()
@@ -176,25 +189,37 @@ class InvocationProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         url = self._url
-        if (not url.startswith(_PREFIX) or _LEFT_TO_AIOHTTP.search(url) or not url.isascii()
-                or parser.get_method() not in _METHODS or parser.get_http_version() != "1.1" or parser.should_upgrade()):
+        method = _METHODS.get(parser.get_method())
+        if (method is None or not url.startswith(_PREFIX) or _LEFT_TO_AIOHTTP.search(url) or not url.isascii()
+                or parser.get_http_version() != "1.1" or parser.should_upgrade()):
             raise _HandOver
         end = self._raw.find(b"\r\n\r\n", self._start, self._start + MAX_HEAD) - self._start
         if end < 0 or end + 4 > MAX_HEAD or len(self._headers) > MAX_HEADERS:
             raise _HandOver
         length = 0
+        seen: dict[str, str] = {}
+        call_id = None
         for name, value in self._headers:
             lowered = name.lower()
             if lowered == b"content-length":
                 if not value.isdigit():
                     raise _HandOver
                 length = int(value)
-            elif lowered in (b"transfer-encoding", b"expect", b"upgrade"):
+            elif lowered in _HANDED_OVER_HEADERS:
                 raise _HandOver
+            elif lowered in _HIDDEN:
+                continue
+            text = _text_of(value.rstrip(b" \t"))  # the parser strips the leading whitespace
+            if lowered == b"x-call-id" and call_id is None:
+                call_id = text
+            seen[name.decode("latin-1")] = text
         if length > INLINE_LIMIT or length > self._gateway.settings.max_body:
             raise _HandOver
         self._head_size = end + 4
         self._length = length
+        self._method = method
+        self._seen = seen
+        self._call_id = call_id
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -203,19 +228,18 @@ class InvocationProtocol(asyncio.Protocol):
         self._in_message = False
         self._start += self._head_size + self._length
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        self._ready.append((self._parser.get_method(), self._url, self._headers, body,
-                            self._parser.should_keep_alive()))
+        self._ready.append((self._call(), body, self._parser.should_keep_alive()))
 
     def _hand_over(self) -> None:
         self._handover, self._raw = self._raw[self._start:], b""
-        if self._task is None and not self._ready:
+        if self._under_way is None and not self._ready:
             self._give_to_aiohttp()
             return
         if self._reading:
             self._reading = False
             self._transport.pause_reading()
-        if self._task is None:  # requests before this one came in the same read: answered first
-            self._task = self._loop.create_task(self._serve())
+        if self._under_way is None:  # requests before this one came in the same read: answered first
+            self._answer_next()
 
     def _give_to_aiohttp(self) -> None:
         data, self._handover = self._handover, None
@@ -233,33 +257,28 @@ class InvocationProtocol(asyncio.Protocol):
 
     # -- answering -------------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
-        """Answer the complete requests in order, then hand over or close if that is due."""
+    def _answer_next(self) -> None:
+        """Answer the complete requests in order, each at once or from a callback."""
+        self._looping = True
         try:
-            while self._ready and not self._transport.is_closing():
-                request = self._ready.popleft()
-                keep_alive = request[4] and not self._closing
-                try:
-                    await self._invoke(*request[:4], keep_alive)
-                except Exception:  # a bug of the gateway's: logged, and the connection dropped
-                    log.exception("error answering an invocation")
-                    self._transport.abort()
-                    return
-                if not keep_alive:
-                    self._transport.close()
-                    return
-                if self._write_paused:  # a client that does not read its answers is sent no more
-                    try:
-                        async with asyncio.timeout(self._gateway.settings.body_timeout):
-                            await self._drained()
-                    except TimeoutError:
-                        self._transport.abort()
-                        return
-        finally:
-            self._task = None
-            self._last_active = self._loop.time()
-        if self._transport.is_closing():
+            while self._ready and self._under_way is None and not self._transport.is_closing():
+                call, body, keep_alive = self._ready.popleft()
+                self._keep_alive = keep_alive and not self._closing
+                self._current = call
+                warm = self._under_way = WarmCall(self._gateway, call, body, self._outcome)
+                warm.begin()
+        except Exception:  # a bug of the gateway's: logged, and the connection dropped
+            log.exception("error answering an invocation")
+            self._transport.abort()
             return
+        finally:
+            self._looping = False
+        if self._under_way is None and not self._transport.is_closing():
+            self._caught_up()
+
+    def _caught_up(self) -> None:
+        """Every complete request is answered: hand over, close or read on, as is due."""
+        self._last_active = self._loop.time()
         if self._closing:  # shutting down: a request left for aiohttp is not taken up any more
             self._transport.close()
         elif self._handover is not None:
@@ -268,8 +287,110 @@ class InvocationProtocol(asyncio.Protocol):
             self._reading = True
             self._transport.resume_reading()
 
-    def _call(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> Call:
-        target, _, query_text = url[len(_PREFIX):].decode("ascii").partition("?")
+    def _outcome(self, outcome: Outcome) -> None:
+        """Write the response to the invocation under way: at once when its body is the gateway's
+        bytes, from a task when it is relayed from the cVM (or when ``run_call`` must make it)."""
+        if outcome is None:
+            warm = self._under_way
+            assert type(warm) is WarmCall
+            self._under_way = self._loop.create_task(self._run_call(warm.call, warm.body))
+            return
+        if type(outcome) is not tuple:  # the call ended early: 404, 429, 502 and the like
+            try:
+                self._send(outcome, self._keep_alive)
+            except Exception:
+                self._failed()
+                return
+            self._answered()
+            return
+        deployed, result, cold, cvm = outcome
+        call = self._current
+        try:
+            reply = answer(self._gateway, deployed, call, result, cold)
+            if reply.streamed or (type(reply.body) is not bytes and reply.status not in (204, 304)):
+                relay = self._relay(reply, call, result, deployed, cvm)
+            else:
+                relay = None
+                length = self._send_bytes(reply.status, reply.headers, reply.body, self._keep_alive)
+        except Exception:
+            self._failed()
+            finished_call(deployed.pool.release, cvm, self._gateway.metrics.meter(call.name), result.duration,
+                          None, None)
+            return
+        if relay is not None:
+            self._under_way = self._loop.create_task(relay)
+            return
+        finished_call(deployed.pool.release, cvm, self._gateway.metrics.meter(call.name), result.duration,
+                      reply.status, length)
+        self._answered()
+
+    def _answered(self) -> None:
+        """The answer under way is written: go on to the next request, unless that must wait."""
+        self._under_way = None
+        if not self._keep_alive:
+            self._transport.close()
+        elif self._write_paused:  # a client that does not read its answers is sent no more until it does
+            self._under_way = self._loop.create_task(self._until_writable())
+        elif self._looping:
+            return
+        elif self._ready:
+            self._answer_next()
+        elif not self._transport.is_closing():
+            self._caught_up()
+
+    def _failed(self) -> None:
+        """A bug of the gateway's: logged, and the connection dropped."""
+        log.exception("error answering an invocation")
+        self._transport.abort()
+
+    async def _until_writable(self) -> None:
+        try:
+            async with asyncio.timeout(self._gateway.settings.body_timeout):
+                await self._drained()
+        except TimeoutError:
+            self._transport.abort()
+            return
+        self._under_way = None
+        self._answer_next()
+
+    async def _run_call(self, call: Call, body: bytes) -> None:
+        """An invocation ``WarmCall`` leaves to ``run_call``: an instance must be started first."""
+        try:
+            outcome = await run_call(self._gateway, call, body, True, None)
+        except Exception:
+            self._failed()
+            return
+        self._outcome(outcome)
+
+    async def _relay(self, reply: Answer, call: Call, result: Any, deployed: Any, cvm: Any) -> None:
+        """Write an answer whose body is in the cVM's memory or streamed from it."""
+        transport = self._transport
+        status = length = None
+        try:
+            if reply.streamed:
+                transport.write(self._response_head(reply.status, reply.headers, None, self._keep_alive))
+                if await relay_stream(self._gateway, call, result.stream, self._write_chunk):
+                    transport.write(b"0\r\n\r\n")
+                else:
+                    transport.abort()
+            else:
+                body = reply.body  # a view of the cVM's memory
+                transport.write(self._response_head(reply.status, reply.headers, len(body), self._keep_alive))
+                if not await relay_view(self._gateway, body, self._write):
+                    transport.abort()
+                length = len(body)
+            status = reply.status
+        except Exception:
+            self._failed()
+            return
+        finally:
+            finished_call(deployed.pool.release, cvm, self._gateway.metrics.meter(call.name), result.duration,
+                          status, length)
+        self._answered()
+
+    def _call(self) -> Call:
+        """The invocation the request just parsed asks for."""
+        target, _, query_text = self._url[len(_PREFIX):].decode("ascii").partition("?")
         name, _, path = target.partition("/")
         query: dict[str, str] = {}
         if query_text:
@@ -277,60 +398,13 @@ class InvocationProtocol(asyncio.Protocol):
                 if part:
                     key, _, value = part.replace("+", " ").partition("=")
                     query.setdefault(key, value)
-        seen: dict[str, str] = {}
-        call_id = None
-        for raw_name, raw_value in headers:
-            lowered = raw_name.lower()
-            value = _text_of(raw_value.rstrip(b" \t"))  # the parser strips the leading whitespace
-            if lowered == b"x-call-id" and call_id is None:
-                call_id = value
-            if lowered not in _HIDDEN:
-                seen[raw_name.decode("latin-1")] = value
-        return Call(name, call_id_of(call_id), method.decode("ascii"), "/" + path, query, seen, time.time())
-
-    async def _invoke(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
-                      keep_alive: bool) -> None:
-        gateway = self._gateway
-        call = self._call(method, url, headers)
-        outcome = await run_call(gateway, call, body, True, None)
-        if type(outcome) is not tuple:  # the call ended early: 404, 429, 502 and the like
-            self._send(outcome, keep_alive)
-            return
-        deployed, result, cold, cvm = outcome
-        status = length = None
-        try:
-            reply = answer(gateway, deployed, call, result, cold)
-            body = reply.body
-            if not reply.streamed and (type(body) is bytes or reply.status in (204, 304)):  # written at once
-                length = self._send_bytes(reply.status, reply.headers, body, keep_alive)
-            else:
-                length = await self._relay(reply, call, result, keep_alive)
-            status = reply.status
-        finally:
-            finished_call(deployed.pool.release, cvm, gateway.metrics.meter(call.name), result.duration, status, length)
+        return Call(name, call_id_of(self._call_id), self._method, "/" + path, query, self._seen, time.time())
 
     def _send_bytes(self, status: int, headers: dict[str, str], body: Any, keep_alive: bool) -> int:
         if status in (204, 304):  # no body may follow these (whatever the function returned)
             self._transport.write(self._response_head(status, headers, 0, keep_alive))
             return 0
         self._transport.write(self._response_head(status, headers, len(body), keep_alive) + body)
-        return len(body)
-
-    async def _relay(self, reply: Answer, call: Call, result: Any, keep_alive: bool) -> int | None:
-        """Write an answer whose body is in the cVM's memory or streamed from it; the body's
-        length, None when it was streamed."""
-        transport = self._transport
-        if reply.streamed:
-            transport.write(self._response_head(reply.status, reply.headers, None, keep_alive))
-            if await relay_stream(self._gateway, call, result.stream, self._write_chunk):
-                transport.write(b"0\r\n\r\n")
-            else:
-                transport.abort()
-            return None
-        body = reply.body
-        transport.write(self._response_head(reply.status, reply.headers, len(body), keep_alive))
-        if not await relay_view(self._gateway, body, self._write):  # a view of the cVM's memory
-            transport.abort()
         return len(body)
 
     def _send(self, response: web.Response, keep_alive: bool) -> None:

@@ -19,7 +19,7 @@ from capfaas.credentials import admin_password, ensure_state_dir
 from capfaas.plugin_manager import make_plugin_manager
 from capfaas.registry import Registry
 
-from .app import Gateway, Settings, _acquire, _error_body, _retire, create_app
+from .app import Gateway, Settings, _acquire, _error_body, retire, create_app
 from .async_calls import AsyncCalls, Queued
 from .fastpath import GatewayRunner
 from .logs import LogStore
@@ -69,10 +69,10 @@ async def _invoke_queued(gateway: Gateway, queued: Queued) -> tuple[int, dict[st
             method=call.method, path=call.path, query=call.query, headers=call.headers,
             body=queued.body, id=call.call_id)))  # a callback gets the whole body at once
     except asyncio.CancelledError:  # cancelled at shutdown: the instance is mid-call and cannot be reused
-        _retire(gateway, deployed.pool, cvm, "asynchronous invocation abandoned")
+        retire(gateway, deployed.pool, cvm, "asynchronous invocation abandoned")
         raise
     except Exception as exc:
-        _retire(gateway, deployed.pool, cvm, "asynchronous invocation failed")
+        retire(gateway, deployed.pool, cvm, "asynchronous invocation failed")
         failure = {"error": "the function's instance failed", "type": type(exc).__name__,
                    "message": f"function {call.name!r} could not be invoked: {exc}", "call_id": call.call_id}
         return 502, {"Content-Type": "application/json"}, json.dumps(failure).encode(), 0.0
