@@ -12,6 +12,7 @@ import os
 import select
 
 CHUNK = 64 << 10
+_NOTHING = (b"", b"")
 
 
 class Stream:
@@ -88,7 +89,9 @@ class Console:
                     if stream.fd == fd:
                         self._readable(stream)
         stdout, stderr = self.streams
-        return stdout.take(), stderr.take()
+        if stdout.kept or stderr.kept or stdout.dropped or stderr.dropped:
+            return stdout.take(), stderr.take()
+        return _NOTHING  # the usual case: the function printed nothing
 
     def close(self) -> None:
         """Keep what is already written (a crashed cVM's last words), then let go of the pipes."""
