@@ -140,6 +140,22 @@ class Running:
         self.owner._replied(self, waiter)
 
 
+class _Outcome:
+    """What ``invoke`` awaits: a future only when the result did not come at once."""
+
+    __slots__ = ("result", "error", "waiter")
+
+    def __init__(self) -> None:
+        self.result: Result | None = None
+        self.error: Exception | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def __call__(self, result: Result | None, error: Exception | None) -> None:
+        self.result, self.error = result, error
+        if self.waiter is not None and not self.waiter.done():  # not cancelled
+            self.waiter.set_result(None)
+
+
 class Intravisor:
     """The monitor of all cVMs on one backend."""
 
@@ -325,23 +341,19 @@ class Intravisor:
 
         ``timeout`` can only shorten the function's own (a caller's remaining time). Cancelled,
         the invocation is abandoned: its cVM is left busy, for the caller to stop."""
-        waiter: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-
-        def done(result: Result | None, error: Exception | None) -> None:
-            if waiter.done():  # cancelled
-                return
-            if error is not None:
-                waiter.set_exception(error)
-            else:
-                assert result is not None
-                waiter.set_result(result)
-
-        running = self.dispatch(cvm, invocation, done, timeout)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            self.abandon(running)
-            raise
+        outcome = _Outcome()
+        running = self.dispatch(cvm, invocation, outcome, timeout)
+        if outcome.result is None and outcome.error is None:  # not answered within the busy-wait
+            outcome.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await outcome.waiter
+            except asyncio.CancelledError:
+                self.abandon(running)
+                raise
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.result is not None
+        return outcome.result
 
     def dispatch(self, cvm: CVM, invocation: Invocation, done: Callable[[Result | None, Exception | None], None],
                  timeout: float | None = None) -> Running:
