@@ -342,3 +342,22 @@ async def test_a_client_that_leaves_while_queued_frees_its_place(gateway: Any) -
     gateway_state, _ = gateway
     pool = gateway_state.service.get("sleepy").pool
     assert not [waiter for waiter in pool.waiters if not waiter.done()] and len(pool.idle) == 1
+
+
+async def test_a_request_queued_for_a_replaced_version_is_served_by_the_new_one(gateway: Any) -> None:
+    """Waiting for the only instance of version 1 when version 2 is deployed: the request queues
+    again at version 2 rather than fail, while the one in flight finishes on version 1."""
+    _, client = gateway
+    versioned = 'import time\ndef handle(event, context):\n    time.sleep(float(event.query.get("s", "0")))\n    return "v{v}"\n'
+    await deploy(client, "ver", versioned.format(v=1), labels={"com.openfaas.scale.max": "1"})
+    async with connected(client.server.port) as first, connected(client.server.port) as second:
+        first.send(get("/function/ver"))
+        assert (await first.response())[2] == b"v1"
+        first.send(get("/function/ver?s=0.6"))
+        await asyncio.sleep(0.1)
+        second.send(get("/function/ver"))  # queued behind the first
+        await asyncio.sleep(0.1)
+        await deploy(client, "ver", versioned.format(v=2), method="PUT", labels={"com.openfaas.scale.max": "1"})
+        assert (await first.response())[2] == b"v1"
+        status, _, body = await second.response()
+        assert (status, body) == (200, b"v2")

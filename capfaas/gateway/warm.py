@@ -88,8 +88,12 @@ class WarmCall:
     def _taken(self, waiter: asyncio.Future[Any]) -> None:
         self.waiter = None
         if waiter.cancelled():
-            if self.phase == _ACQUIRING and self.deployed.pool.closed:  # a new version replaced this one
+            if self.phase != _ACQUIRING:
+                return
+            if self.deployed.pool.closed:  # a new version replaced this one: queue there
                 self.begin()
+            else:  # not a cancellation this code knows of: run_call's to make
+                self._end(None)
             return
         error = waiter.exception()
         if self.phase != _ACQUIRING:  # cancelled after the pool handed an instance over
