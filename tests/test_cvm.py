@@ -368,3 +368,41 @@ async def test_dispatch_reports_a_crash_to_done(intravisor: Intravisor, tmp_path
     result, error = await asyncio.wait_for(results, 5)
     assert error is None and result.status == 502 and result.outcome == "crashed" and "status 7" in result.body.decode()
     assert not intravisor.abandon(running) and cvm.state is State.STOPPED
+
+
+async def test_invoke_hooks_see_each_invocation_and_a_failing_hook_is_reported(tmp_path: Path) -> None:
+    """A plugin's capfaas_before_invoke and capfaas_after_invoke run around every invocation; one
+    that raises fails that invocation for its caller, rather than leaving the caller waiting."""
+    import asyncio
+
+    from capfaas.backends.emulated.backend import EmulatedBackend
+    from capfaas.hookspecs import hookimpl
+    from capfaas.plugin_manager import make_plugin_manager
+
+    seen: list[tuple[object, ...]] = []
+
+    class Recorder:
+        @hookimpl
+        def capfaas_before_invoke(self, spec: FunctionSpec, invocation_id: str) -> None:
+            seen.append(("before", invocation_id))
+
+        @hookimpl
+        def capfaas_after_invoke(self, spec: FunctionSpec, invocation_id: str, status: int, duration: float) -> None:
+            seen.append(("after", invocation_id, status))
+            if invocation_id == "boom":
+                raise RuntimeError("the hook failed")
+
+    pm = make_plugin_manager(autoload=False)
+    pm.register(Recorder())
+    async with Intravisor(EmulatedBackend(), pm, segment_size=4 << 30, region_size=1 << 30) as iv:
+        cvm = await iv.create(write_function(tmp_path, "dozer", """
+            import time
+            def handle(event, context):
+                time.sleep(0.002)  # too slow for the busy-wait: the reply comes through the event loop
+                return "rested"
+        """))
+        result = await asyncio.wait_for(iv.invoke(cvm, Invocation(body=b"a", id="one")), 5)
+        assert result.body == b"rested"
+        with pytest.raises(RuntimeError, match="the hook failed"):
+            await asyncio.wait_for(iv.invoke(cvm, Invocation(body=b"b", id="boom")), 5)
+    assert seen == [("before", "one"), ("after", "one", 200), ("before", "boom"), ("after", "boom", 200)]

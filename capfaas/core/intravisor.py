@@ -450,6 +450,9 @@ class Intravisor:
                 result = self._settle(running, reply)
             except (ProtocolViolation, CapabilityFault) as exc:
                 error = exc
+            except Exception as exc:  # a plugin's capfaas_after_invoke failed: the caller reports it
+                running.done(None, exc)
+                return
             else:
                 running.done(result, None)
                 return
