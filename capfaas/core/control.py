@@ -4,12 +4,14 @@ invocation waiting for it.
 Read through an asyncio ``StreamReader``, every reply cost a copy of its bytes, a wake-up through
 three coroutine levels and an empty decode before the real one: at thousands of invocations a
 second, more than the rest of the exchange. Here the event loop's read goes into the decoder, and
-a complete message resolves the one future waiting for it (or waits in a short queue).
+a complete message is queued for the invocation waiting for it, which is called back (or
+resolves the one future waiting for it).
 """
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 from . import wire
@@ -41,6 +43,8 @@ class ControlChannel(asyncio.Protocol):
         self._unpacker = wire.unpacker(max_buffer_size=max_buffer_size)
         self._messages: deque[dict[str, Any]] = deque()
         self._waiter: asyncio.Future[dict[str, Any]] | None = None
+        self._ready: Callable[[], None] | None = None
+        self._loop = asyncio.get_running_loop()
         self._ended: Exception | None = None
         self._reading = True
         self._writable: asyncio.Future[None] | None = None
@@ -64,7 +68,7 @@ class ControlChannel(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
-            self._writable = asyncio.get_running_loop().create_future()
+            self._writable = self._loop.create_future()
 
     def resume_writing(self) -> None:
         if self._writable is not None and not self._writable.done():
@@ -94,6 +98,8 @@ class ControlChannel(asyncio.Protocol):
             self._end(exc)
         except ValueError as exc:  # msgpack's BufferFull, malformed ext types, bad data
             self._end(ProtocolViolation(f"malformed control message: {exc}"))
+        if self._ready is not None and self._messages:
+            self._call_ready()
         if len(self._messages) > MAX_QUEUED and self._reading:
             self._reading = False
             self._pause_reading()
@@ -114,10 +120,23 @@ class ControlChannel(asyncio.Protocol):
     def has_messages(self) -> bool:
         return bool(self._messages)
 
+    def when_ready(self, callback: Callable[[], None] | None) -> None:
+        """Have ``callback`` called once, from the event loop, when a message is there for
+        ``next_message`` or the channel has ended (None: no longer). What a future of the next
+        message does without the future: a reply costs one scheduled call."""
+        self._ready = callback
+        if callback is not None and (self._messages or self._ended is not None):
+            self._call_ready()
+
+    def _call_ready(self) -> None:
+        callback, self._ready = self._ready, None
+        assert callback is not None
+        self._loop.call_soon(callback)
+
     def wait(self) -> asyncio.Future[dict[str, Any]]:
         """A future of the next message (when ``next_message`` had none): awaited directly, it
         costs no coroutine of its own."""
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waiter = self._waiter = self._loop.create_future()
         if self._ended is not None:
             waiter.set_exception(self._ended)
         return waiter
@@ -159,6 +178,8 @@ class ControlChannel(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             self._waiter = None
             waiter.set_exception(self._ended)
+        if self._ready is not None:
+            self._call_ready()
 
 
 class StreamControlChannel(ControlChannel):

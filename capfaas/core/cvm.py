@@ -115,9 +115,10 @@ class CVM:
                 return self.next_reply()
         return None
 
-    def next_reply(self) -> dict[str, Any] | None:
+    def next_reply(self, through_loop: bool = False) -> dict[str, Any] | None:
         """The running invocation's reply if it has come (requests sent before it are served);
-        None while it has not; ChannelClosed or ProtocolViolation once the channel has ended."""
+        None while it has not; ChannelClosed or ProtocolViolation once the channel has ended.
+        ``through_loop``: the event loop read it, after any output written before it."""
         channel = self.process.channel
         while True:
             message = channel.next_message()
@@ -125,7 +126,7 @@ class CVM:
                 self.answered_directly = False
                 return None
             if self.arrived(message) is not None:
-                self.answered_directly = True
+                self.answered_directly = not through_loop
                 return message
 
     def arrived(self, message: dict[str, Any]) -> dict[str, Any] | None:

@@ -132,9 +132,12 @@ class Running:
         self.watched: int | None = None
         """Its deadline's key in ``Deadlines``."""
         self.waiter: asyncio.Future[dict[str, Any]] | None = None
-        """The future of its reply, once it had to wait for one."""
+        """The future of its reply, when it is one of several invocations its cVM runs at once."""
         self.sequence: int | None = None
         """Its number among the invocations a cVM runs at once (None: one at a time)."""
+
+    def reply_ready(self) -> None:
+        self.owner._reply_ready(self)
 
     def replied(self, waiter: asyncio.Future[dict[str, Any]]) -> None:
         self.owner._replied(self, waiter)
@@ -406,38 +409,51 @@ class Intravisor:
         self._running -= 1
         if running.watched is not None:
             self.deadlines.unwatch(running.watched)
-        if running.waiter is not None:
-            running.waiter.cancel()
         if running.sequence is not None:
+            assert running.waiter is not None
+            running.waiter.cancel()
             running.cvm.forget(running.sequence)
+        else:
+            running.cvm.process.channel.when_ready(None)
         return True
 
     def _await_reply(self, running: Running) -> None:
-        if running.waiter is None:  # one at a time: the reply may be queued already
-            try:
-                reply = running.cvm.next_reply()
-            except (ChannelClosed, ProtocolViolation) as exc:
-                self._end(running, None, exc)
-                return
-            if reply is not None:
-                self._end(running, reply, None)
-                return
-            running.waiter = running.cvm.process.channel.wait()
-        running.waiter.add_done_callback(running.replied)
+        if running.sequence is not None:  # one of several at once: its reply resolves its future
+            assert running.waiter is not None
+            running.waiter.add_done_callback(running.replied)
+            return
+        try:  # one at a time: the reply may be queued already
+            reply = running.cvm.next_reply()
+        except (ChannelClosed, ProtocolViolation) as exc:
+            self._end(running, None, exc)
+            return
+        if reply is not None:
+            self._end(running, reply, None)
+            return
+        running.cvm.process.channel.when_ready(running.reply_ready)
+
+    def _reply_ready(self, running: Running) -> None:
+        """A message came for a cVM running one invocation: its reply, or a request to serve."""
+        if running.phase is not _WAITING:  # abandoned
+            return
+        try:
+            reply = running.cvm.next_reply(through_loop=True)
+        except (ChannelClosed, ProtocolViolation) as exc:
+            self._end(running, None, exc)
+            return
+        if reply is None:  # a request, served: the reply is still to come
+            running.cvm.process.channel.when_ready(running.reply_ready)
+            return
+        self._end(running, reply, None)
 
     def _replied(self, running: Running, waiter: asyncio.Future[dict[str, Any]]) -> None:
+        """The reply to one of several invocations a cVM runs at once."""
         if running.phase is not _WAITING:  # abandoned
             if not waiter.cancelled():
                 waiter.exception()  # retrieved: what came after nobody waited is not an error to report
             return
         error = waiter.exception()
-        reply = None if error is not None else waiter.result()
-        if running.sequence is None:
-            running.waiter = None
-            if reply is not None and running.cvm.arrived(reply) is None:  # a request: the reply is still to come
-                self._await_reply(running)
-                return
-        self._end(running, reply, error)
+        self._end(running, None if error is not None else waiter.result(), error)
 
     def _end(self, running: Running, reply: dict[str, Any] | None, error: BaseException | None) -> None:
         running.phase = _ENDED
