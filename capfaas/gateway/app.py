@@ -721,12 +721,30 @@ _ERROR_TITLES = {"error": "the handler raised an exception", "timeout": "the fun
 @dataclass(slots=True)
 class Answer:
     """What an invocation's response is to be: its body is bytes (the gateway's own copy), a view
-    of the cVM's memory, or ``stream`` when the function streams it."""
+    of the cVM's memory, or ``stream`` when the function streams it; ``headers`` are the function's
+    (or the error's), and the invocation's own follow them."""
 
     status: int
     headers: dict[str, str]
     body: Any
     streamed: bool
+    call_id: str
+    start_time: float
+    duration: float
+    cold: bool
+
+    def all_headers(self) -> dict[str, str]:
+        """The response's headers, the invocation's included (as ``invocation_lines`` has them)."""
+        return {**self.headers, "X-Call-Id": self.call_id, "X-Start-Time": str(int(self.start_time * 1e9)),
+                "X-Duration-Seconds": f"{self.duration:.6f}", "X-Served-By": "capfaas",
+                "X-Cold-Start": "1" if self.cold else "0"}
+
+    def invocation_lines(self) -> str:
+        """The invocation's headers as lines of a response head (one string: quicker than a dict
+        joined per request)."""
+        return (f"X-Call-Id: {self.call_id}\r\nX-Start-Time: {int(self.start_time * 1e9)}\r\n"
+                f"X-Duration-Seconds: {self.duration:.6f}\r\nX-Served-By: capfaas\r\n"
+                f"X-Cold-Start: {'1' if self.cold else '0'}\r\n")
 
 
 def answer(gateway: Gateway, deployed: Any, call: Call, result: Result, cold: bool) -> Answer:
@@ -752,15 +770,12 @@ def answer(gateway: Gateway, deployed: Any, call: Call, result: Result, cold: bo
         body = _error_body(result, call_id)
         headers = {"Content-Type": "application/json"}
         streamed = False
-    headers.update({"X-Call-Id": call_id, "X-Start-Time": str(int(call.start_time * 1e9)),
-                    "X-Duration-Seconds": f"{result.duration:.6f}", "X-Served-By": "capfaas",
-                    "X-Cold-Start": "1" if cold else "0"})
-    return Answer(status, headers, body, streamed)
+    return Answer(status, headers, body, streamed, call_id, call.start_time, result.duration, cold)
 
 
 async def _respond(request: web.Request, gateway: Gateway, call: Call, reply: Answer,
                    result: Result) -> web.StreamResponse:
-    status, headers, body = reply.status, reply.headers, reply.body
+    status, headers, body = reply.status, reply.all_headers(), reply.body
     if reply.streamed:
         response = web.StreamResponse(status=status, headers=headers)
         response.enable_chunked_encoding()

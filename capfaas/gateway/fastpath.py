@@ -311,7 +311,8 @@ class InvocationProtocol(asyncio.Protocol):
                 relay = self._relay(reply, call, result, deployed, cvm)
             else:
                 relay = None
-                length = self._send_bytes(reply.status, reply.headers, reply.body, self._keep_alive)
+                length = self._send_bytes(reply.status, reply.headers, reply.body, self._keep_alive,
+                                          reply.invocation_lines())
         except Exception:
             self._failed()
             finished_call(deployed.pool.release, cvm, self._gateway.metrics.meter(call.name), result.duration,
@@ -368,14 +369,16 @@ class InvocationProtocol(asyncio.Protocol):
         status = length = None
         try:
             if reply.streamed:
-                transport.write(self._response_head(reply.status, reply.headers, None, self._keep_alive))
+                transport.write(self._response_head(reply.status, reply.headers, None, self._keep_alive,
+                                                    reply.invocation_lines()))
                 if await relay_stream(self._gateway, call, result.stream, self._write_chunk):
                     transport.write(b"0\r\n\r\n")
                 else:
                     transport.abort()
             else:
                 body = reply.body  # a view of the cVM's memory
-                transport.write(self._response_head(reply.status, reply.headers, len(body), self._keep_alive))
+                transport.write(self._response_head(reply.status, reply.headers, len(body), self._keep_alive,
+                                                    reply.invocation_lines()))
                 if not await relay_view(self._gateway, body, self._write):
                     transport.abort()
                 length = len(body)
@@ -400,11 +403,11 @@ class InvocationProtocol(asyncio.Protocol):
                     query.setdefault(key, value)
         return Call(name, call_id_of(self._call_id), self._method, "/" + path, query, self._seen, time.time())
 
-    def _send_bytes(self, status: int, headers: dict[str, str], body: Any, keep_alive: bool) -> int:
+    def _send_bytes(self, status: int, headers: dict[str, str], body: Any, keep_alive: bool, more: str = "") -> int:
         if status in (204, 304):  # no body may follow these (whatever the function returned)
-            self._transport.write(self._response_head(status, headers, 0, keep_alive))
+            self._transport.write(self._response_head(status, headers, 0, keep_alive, more))
             return 0
-        self._transport.write(self._response_head(status, headers, len(body), keep_alive) + body)
+        self._transport.write(self._response_head(status, headers, len(body), keep_alive, more) + body)
         return len(body)
 
     def _send(self, response: web.Response, keep_alive: bool) -> None:
@@ -426,10 +429,10 @@ class InvocationProtocol(asyncio.Protocol):
         if chunk:  # an empty chunk would end the body
             await self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
 
-    def _response_head(self, status: int, headers: dict[str, str], length: int | None, keep_alive: bool) -> bytes:
-        lines = "\r\n".join(map(": ".join, headers.items()))  # each item a (name, value) pair of text
-        if lines:
-            lines += "\r\n"
+    def _response_head(self, status: int, headers: dict[str, str], length: int | None, keep_alive: bool,
+                       more: str = "") -> bytes:
+        """The head of a response with ``headers``, then ``more`` (header lines already made)."""
+        lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
         if length and "Content-Type" not in headers and not any(key.lower() == "content-type" for key in headers):
             lines += "Content-Type: application/octet-stream\r\n"
         if length is None:
@@ -437,7 +440,7 @@ class InvocationProtocol(asyncio.Protocol):
         else:
             framing = "" if status in (204, 304) else f"Content-Length: {length}\r\n"
         end = "\r\n" if keep_alive else "Connection: close\r\n\r\n"
-        return f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n{lines}{framing}{_date_and_server()}{end}".encode()
+        return f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n{lines}{more}{framing}{_date_and_server()}{end}".encode()
 
 
 def _text_of(value: bytes) -> str:
