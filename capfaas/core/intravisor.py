@@ -24,7 +24,7 @@ from .broker import Broker, SharingUnavailable
 from .capability import Capability
 from .channels import ChannelRefused, channel_table
 from .control import ChannelClosed, ProtocolViolation
-from .cvm import CVM, State
+from .cvm import BUSY, CVM, IDLE, READY, STOPPED
 from .deadlines import Deadlines
 from .entries import EntryTable
 from .faults import CapabilityFault, TagFault
@@ -262,15 +262,15 @@ class Intravisor:
         if message.get("op") != "ready":
             await self.stop(cvm, "protocol violation")
             raise CVMStartError(f"cVM for {spec.name!r} sent {message.get('op')!r} instead of ready")
-        cvm.state = State.READY
+        cvm.state = READY
         self.pm.hook.capfaas_cvm_started(cvm=cvm)
         return cvm
 
     async def stop(self, cvm: CVM, reason: str = "stopped") -> str:
         """Stop ``cvm`` (idempotent); returns how its process ended."""
-        if cvm.state is State.STOPPED:
+        if cvm.state is STOPPED:
             return cvm.stop_reason
-        cvm.state = State.STOPPED
+        cvm.state = STOPPED
         cvm.process.kill()
         if cvm.output is not None:  # a stream it asked for and never answered with
             self.broker.area.free(cvm.output[0])
@@ -366,10 +366,10 @@ class Intravisor:
         the gateway answers a warm invocation without a task of its own."""
         limits = cvm.spec.limits
         state = cvm.state
-        if state is not State.IDLE and state is not State.READY and not (
-                state is State.BUSY and limits.concurrency > 1):
+        if state is not IDLE and state is not READY and not (
+                state is BUSY and limits.concurrency > 1):
             raise RuntimeError(f"cVM {cvm.id} is {state.value}, not ready")
-        cvm.state = State.BUSY
+        cvm.state = BUSY
         cvm.busy += 1
         cvm.invocations += 1
         cvm.root = scope = invocation.root or f"{invocation.id}#{next(self._scopes)}"  # ids can repeat
@@ -488,7 +488,7 @@ class Intravisor:
             return result
         cvm.busy -= 1
         if not cvm.busy:
-            cvm.state = State.IDLE
+            cvm.state = IDLE
         return self._finish(running, result)
 
     async def _fail(self, running: Running, error: BaseException | None) -> None:
@@ -511,7 +511,7 @@ class Intravisor:
             elif isinstance(error, SharingUnavailable):  # nothing was sent: the cVM is as it was
                 cvm.busy -= 1
                 if not cvm.busy:
-                    cvm.state = State.IDLE
+                    cvm.state = IDLE
                 result = _failure(501, "error", "StreamUnavailable",
                                   f"function {cvm.spec.name!r} cannot receive a stream ({error}): it must serve one "
                                   "invocation at a time on a backend that maps shared objects")

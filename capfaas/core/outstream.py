@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .channels import is_request
-from .cvm import State
+from .cvm import IDLE, STOPPED
 from .ring import RingReader
 
 CHUNK = 1 << 20
@@ -115,10 +115,10 @@ class OutputStream:
             return
         self._released = True
         cvm = self.cvm
-        if cvm.state is not State.STOPPED:
+        if cvm.state is not STOPPED:
             cvm.busy -= 1
             if not cvm.busy:
-                cvm.state = State.IDLE
+                cvm.state = IDLE
         self.intravisor.broker.end_invocation(cvm, self.top_level_id)
         self.intravisor.broker.area.free(self.obj)
 

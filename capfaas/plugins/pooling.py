@@ -18,7 +18,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from capfaas.core.cvm import CVM, State
+from capfaas.core.cvm import CVM, STOPPED
 from capfaas.core.intravisor import Intravisor
 from capfaas.core.spec import FunctionSpec
 from capfaas.hookspecs import hookimpl
@@ -183,13 +183,13 @@ class FunctionPool:
         PoolBusy when the queue is full. Every instance taken is paired with one ``release``."""
         if self.partial:
             for cvm in list(self.partial):
-                if cvm.state is not State.STOPPED:
+                if cvm.state is not STOPPED:
                     return self._lease(cvm)
                 self.partial.discard(cvm)
         while self.idle:
             cvm = self.idle.pop()  # the most recently used: its pages are the warmest
             self.idle_since.pop(cvm, None)
-            if cvm.state is not State.STOPPED:
+            if cvm.state is not STOPPED:
                 return self._lease(cvm)
             self.instances.discard(cvm)
         if self.replicas < self.scaling.max:
@@ -262,8 +262,8 @@ class FunctionPool:
         """Give an instance back after an invocation; a stopped or worn-out one is replaced on
         demand (once its last concurrent invocation is back)."""
         cvm.in_flight -= 1
-        retiring = self.closed or (cvm.state is not State.STOPPED and self._worn_out(cvm))
-        if retiring or cvm.state is State.STOPPED:
+        retiring = self.closed or (cvm.state is not STOPPED and self._worn_out(cvm))
+        if retiring or cvm.state is STOPPED:
             self.partial.discard(cvm)
             if cvm.in_flight:
                 return
