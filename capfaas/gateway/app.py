@@ -636,8 +636,8 @@ def begin_invocation(gateway: Gateway, deployed: Any, call: Call, body: Any, len
     meter.bytes_in[0] += length or len(body)
     deployed.invocations += 1
     gateway.in_flight += 1
-    return Invocation(method=call.method, path=call.path, query=call.query, headers=call.headers,
-                      body=body, length=length, id=call.call_id, root=scope)
+    # positionally (then inline, chain, root): see Result
+    return Invocation(call.method, call.path, call.query, call.headers, body, length, call.call_id, False, (), scope)
 
 
 def end_invocation(gateway: Gateway) -> None:
