@@ -130,18 +130,12 @@ class CVM:
             if message is None:
                 self.answered_directly = False
                 return None
-            if self.arrived(message) is not None:
-                self.answered_directly = not through_loop
-                return message
-
-    def arrived(self, message: dict[str, Any]) -> dict[str, Any] | None:
-        """A message for the running invocation (one at a time): its reply, or None when it was a
-        request, which is served."""
-        if is_request(message):
-            self._answer(message)
-            return None
-        self.reply_seconds = time.perf_counter() - self._sent
-        return message
+            if is_request(message):
+                self._answer(message)
+                continue
+            self.reply_seconds = time.perf_counter() - self._sent
+            self.answered_directly = not through_loop
+            return message
 
     def post_concurrently(self, message: dict[str, Any]) -> tuple[int, asyncio.Future[dict[str, Any]]]:
         """Send one of several invocations running at once: one reader hands each reply to the

@@ -139,7 +139,18 @@ class Running:
         """Its number among the invocations a cVM runs at once (None: one at a time)."""
 
     def reply_ready(self) -> None:
-        self.owner._reply_ready(self)
+        """A message came for its cVM, running it alone: its reply, or a request to serve."""
+        if self.phase is not _WAITING:  # abandoned
+            return
+        try:
+            reply = self.cvm.next_reply(through_loop=True)
+        except (ChannelClosed, ProtocolViolation) as exc:
+            self.owner._end(self, None, exc)
+            return
+        if reply is None:  # a request, served: the reply is still to come
+            self.cvm.process.channel.when_ready(self.reply_ready)
+            return
+        self.owner._end(self, reply, None)
 
     def replied(self, waiter: asyncio.Future[dict[str, Any]]) -> None:
         self.owner._replied(self, waiter)
@@ -433,20 +444,6 @@ class Intravisor:
             self._end(running, reply, None)
             return
         running.cvm.process.channel.when_ready(running.reply_ready)
-
-    def _reply_ready(self, running: Running) -> None:
-        """A message came for a cVM running one invocation: its reply, or a request to serve."""
-        if running.phase is not _WAITING:  # abandoned
-            return
-        try:
-            reply = running.cvm.next_reply(through_loop=True)
-        except (ChannelClosed, ProtocolViolation) as exc:
-            self._end(running, None, exc)
-            return
-        if reply is None:  # a request, served: the reply is still to come
-            running.cvm.process.channel.when_ready(running.reply_ready)
-            return
-        self._end(running, reply, None)
 
     def _replied(self, running: Running, waiter: asyncio.Future[dict[str, Any]]) -> None:
         """The reply to one of several invocations a cVM runs at once."""

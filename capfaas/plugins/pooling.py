@@ -238,9 +238,11 @@ class FunctionPool:
                 or cvm.cpu_seconds > CPU_RECYCLE_SHARE * self.spec.limits.cpu_seconds)
 
     def _lease(self, cvm: CVM) -> CVM:
-        """Count one more invocation on ``cvm``, then share its remaining slots."""
+        """Count one more invocation on ``cvm``, then share its remaining slots (one at a time, it
+        has none left)."""
         cvm.in_flight += 1
-        self._fill(cvm)
+        if self.spec.limits.concurrency > 1:
+            self._fill(cvm)
         return cvm
 
     def _fill(self, cvm: CVM) -> None:
