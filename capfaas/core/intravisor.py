@@ -435,15 +435,7 @@ class Intravisor:
             assert running.waiter is not None
             running.waiter.add_done_callback(running.replied)
             return
-        try:  # one at a time: the reply may be queued already
-            reply = running.cvm.next_reply()
-        except (ChannelClosed, ProtocolViolation) as exc:
-            self._end(running, None, exc)
-            return
-        if reply is not None:
-            self._end(running, reply, None)
-            return
-        running.cvm.process.channel.when_ready(running.reply_ready)
+        running.cvm.process.channel.when_ready(running.reply_ready)  # one at a time (maybe queued already)
 
     def _replied(self, running: Running, waiter: asyncio.Future[dict[str, Any]]) -> None:
         """The reply to one of several invocations a cVM runs at once."""

@@ -729,20 +729,20 @@ class Answer:
     body: Any
     streamed: bool
     call_id: str
-    start_time: float
+    start_ns: int
     duration: float
     cold: bool
 
     def all_headers(self) -> dict[str, str]:
         """The response's headers, the invocation's included (as ``invocation_lines`` has them)."""
-        return {**self.headers, "X-Call-Id": self.call_id, "X-Start-Time": str(int(self.start_time * 1e9)),
+        return {**self.headers, "X-Call-Id": self.call_id, "X-Start-Time": str(self.start_ns),
                 "X-Duration-Seconds": f"{self.duration:.6f}", "X-Served-By": "capfaas",
                 "X-Cold-Start": "1" if self.cold else "0"}
 
     def invocation_lines(self) -> str:
         """The invocation's headers as lines of a response head (one string: quicker than a dict
         joined per request)."""
-        return (f"X-Call-Id: {self.call_id}\r\nX-Start-Time: {int(self.start_time * 1e9)}\r\n"
+        return (f"X-Call-Id: {self.call_id}\r\nX-Start-Time: {self.start_ns}\r\n"
                 f"X-Duration-Seconds: {self.duration:.6f}\r\nX-Served-By: capfaas\r\n"
                 f"X-Cold-Start: {'1' if self.cold else '0'}\r\n")
 
@@ -770,7 +770,7 @@ def answer(gateway: Gateway, deployed: Any, call: Call, result: Result, cold: bo
         body = _error_body(result, call_id)
         headers = {"Content-Type": "application/json"}
         streamed = False
-    return Answer(status, headers, body, streamed, call_id, call.start_time, result.duration, cold)
+    return Answer(status, headers, body, streamed, call_id, call.start_ns, result.duration, cold)
 
 
 async def _respond(request: web.Request, gateway: Gateway, call: Call, reply: Answer,

@@ -36,7 +36,8 @@ class Call:
     query: dict[str, str]
     headers: dict[str, str]
     """The request's headers as the function sees them."""
-    start_time: float
+    start_ns: int
+    """When the gateway read it: nanoseconds since the epoch, as X-Start-Time gives it."""
 
 
 def header_text(value: str) -> str:
@@ -68,4 +69,4 @@ def call_of(request: web.Request) -> Call:
     headers = {key: header_text(value) for key, value in request.headers.items() if key.lower() not in HIDDEN_HEADERS}
     return Call(request.match_info["name"], call_id_of(request.headers.get("X-Call-Id")), request.method,
                 "/" + request.match_info.get("path", ""), dict(request.query) if request.query_string else {},
-                headers, time.time())
+                headers, time.time_ns())

@@ -33,7 +33,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from capfaas.core.runtime import INLINE_LIMIT
 
 from .app import STATE, Answer, Gateway, answer, finished_call, relay_stream, relay_view, run_call
-from .calls import HIDDEN_HEADERS, Call, call_id_of, header_text
+from .calls import HIDDEN_HEADERS, Call, header_text, new_call_id
 from .warm import Outcome, WarmCall
 
 log = logging.getLogger("capfaas.gateway")
@@ -44,6 +44,10 @@ MAX_HEADERS = 100
 MAX_PIPELINED = 16
 """Complete requests waiting for their turn on one connection before it stops reading."""
 _METHODS = {method.encode(): method for method in ("GET", "POST", "PUT", "PATCH", "DELETE")}
+_VERSION = b"HTTP/1.1\r\n"
+"""What ends the request line of a request this protocol answers, read where it must be when the
+line is written the usual way (one space each side of the URL); any other way goes to aiohttp.
+Cheaper than asking the parser, which formats its version as text."""
 _HANDED_OVER_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _PREFIX = b"/function/"
 _LEFT_TO_AIOHTTP = re.compile(rb"[%;#]|/\.|//")
@@ -77,8 +81,9 @@ class InvocationProtocol(asyncio.Protocol):
         self._length = 0
         self._method = ""
         self._seen: dict[str, str] = {}
-        self._call_id: str | None = None
-        """The method, the headers a function sees, and X-Call-Id, of the request being parsed."""
+        self._call_id = ""
+        """The method, the headers a function sees, and X-Call-Id (text, as ``call_id_of`` makes
+        it), of the request being parsed."""
         self._ready: deque[tuple[Call, bytes, bool]] = deque()
         self._under_way: WarmCall | asyncio.Task[None] | None = None
         """The answer being made: a ``WarmCall``, or a task where one is needed."""
@@ -189,16 +194,18 @@ class InvocationProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         url = self._url
-        method = _METHODS.get(parser.get_method())
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method)
         if (method is None or not url.startswith(_PREFIX) or _LEFT_TO_AIOHTTP.search(url) or not url.isascii()
-                or parser.get_http_version() != "1.1" or parser.should_upgrade()):
+                or not self._raw.startswith(_VERSION, self._start + len(raw_method) + len(url) + 2)
+                or parser.should_upgrade()):
             raise _HandOver
         end = self._raw.find(b"\r\n\r\n", self._start, self._start + MAX_HEAD) - self._start
         if end < 0 or end + 4 > MAX_HEAD or len(self._headers) > MAX_HEADERS:
             raise _HandOver
         length = 0
         seen: dict[str, str] = {}
-        call_id = None
+        call_id = ""
         for name, value in self._headers:
             lowered = name.lower()
             if lowered == b"content-length":
@@ -210,7 +217,7 @@ class InvocationProtocol(asyncio.Protocol):
             elif lowered in _HIDDEN:
                 continue
             text = _text_of(value.rstrip(b" \t"))  # the parser strips the leading whitespace
-            if lowered == b"x-call-id" and call_id is None:
+            if lowered == b"x-call-id" and not call_id:
                 call_id = text
             seen[name.decode("latin-1")] = text
         if length > INLINE_LIMIT or length > self._gateway.settings.max_body:
@@ -321,8 +328,8 @@ class InvocationProtocol(asyncio.Protocol):
         if relay is not None:
             self._under_way = self._loop.create_task(relay)
             return
-        finished_call(deployed.pool.release, cvm, self._gateway.metrics.meter(call.name), result.duration,
-                      reply.status, length)
+        deployed.pool.release(cvm)  # as ``finished_call`` does
+        self._gateway.metrics.meter(call.name).finished(str(reply.status), result.duration, length)
         self._answered()
 
     def _answered(self) -> None:
@@ -401,7 +408,7 @@ class InvocationProtocol(asyncio.Protocol):
                 if part:
                     key, _, value = part.replace("+", " ").partition("=")
                     query.setdefault(key, value)
-        return Call(name, call_id_of(self._call_id), self._method, "/" + path, query, self._seen, time.time())
+        return Call(name, self._call_id or new_call_id(), self._method, "/" + path, query, self._seen, time.time_ns())
 
     def _send_bytes(self, status: int, headers: dict[str, str], body: Any, keep_alive: bool, more: str = "") -> int:
         if status in (204, 304):  # no body may follow these (whatever the function returned)
@@ -432,7 +439,14 @@ class InvocationProtocol(asyncio.Protocol):
     def _response_head(self, status: int, headers: dict[str, str], length: int | None, keep_alive: bool,
                        more: str = "") -> bytes:
         """The head of a response with ``headers``, then ``more`` (header lines already made)."""
-        lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+        lines = ""
+        for item in headers.items():
+            line = _header_lines.get(item)
+            if line is None:
+                line = f"{item[0]}: {item[1]}\r\n"
+                if len(_header_lines) < 4096 and len(line) <= 256:  # bounded: values may differ every time
+                    _header_lines[item] = line
+            lines += line
         if length and "Content-Type" not in headers and not any(key.lower() == "content-type" for key in headers):
             lines += "Content-Type: application/octet-stream\r\n"
         if length is None:
@@ -440,7 +454,18 @@ class InvocationProtocol(asyncio.Protocol):
         else:
             framing = "" if status in (204, 304) else f"Content-Length: {length}\r\n"
         end = "\r\n" if keep_alive else "Connection: close\r\n\r\n"
-        return f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n{lines}{more}{framing}{_date_and_server()}{end}".encode()
+        global _date_second, _date_and_server
+        now = int(time.time())
+        if now != _date_second:  # the Date and Server lines, made once a second
+            _date_second = now
+            _date_and_server = f"Date: {formatdate(now, usegmt=True)}\r\nServer: {SERVER_SOFTWARE}\r\n"
+        return f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n{lines}{more}{framing}{_date_and_server}{end}".encode()
+
+
+_header_lines: dict[tuple[str, str], str] = {}
+"""Response header lines already made, by (name, value): functions send the same few again and again."""
+_date_second = 0
+_date_and_server = ""
 
 
 def _text_of(value: bytes) -> str:
@@ -449,20 +474,6 @@ def _text_of(value: bytes) -> str:
         return value.decode()
     except UnicodeDecodeError:
         return header_text(value.decode("latin-1"))
-
-
-_date_second = 0
-_date_and_server_lines = ""
-
-
-def _date_and_server() -> str:
-    """The Date and Server header lines, made once a second."""
-    global _date_second, _date_and_server_lines
-    now = int(time.time())
-    if now != _date_second:
-        _date_second = now
-        _date_and_server_lines = f"Date: {formatdate(now, usegmt=True)}\r\nServer: {SERVER_SOFTWARE}\r\n"
-    return _date_and_server_lines
 
 
 class FrontDoor:

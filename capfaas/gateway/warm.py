@@ -128,7 +128,8 @@ class WarmCall:
         if error is not None:
             self._end(invocation_failed(gateway, self.deployed.pool, self.cvm, self.call, error))
             return
-        self._end((self.deployed, result, False, self.cvm))
+        self.phase = _ENDED
+        self.done((self.deployed, result, False, self.cvm))
 
     def _end(self, outcome: Outcome) -> None:
         self.phase = _ENDED
