@@ -48,6 +48,24 @@ async def test_messages_arrive_whole_in_order_however_the_bytes_are_cut(make) ->
     peer.close()
 
 
+async def test_whole_messages_and_pieces_mixed_in_reads_decode_in_order() -> None:
+    """A read holding one whole message is decoded at once; anything else goes through the
+    streaming decoder, and a whole message after it is whole again."""
+    channel, peer = await _native()
+    a, b, c, d = (wire.pack({"op": "result", "n": n, "body": b"y" * 50}) for n in "abcd")
+    for read in (a, b + c[:20], c[20:], d, a + b, c[:1], c[1:] + d[:-1], d[-1:], b):
+        channel.feed(read)
+    got = []
+    while (message := channel.next_message()) is not None:
+        got.append(message["n"])
+    assert got == list("abcdabcdb")
+    channel.feed(b"\xc1")  # never a valid msgpack byte
+    with pytest.raises(ProtocolViolation):
+        channel.next_message()
+    channel.close()
+    peer.close()
+
+
 @pytest.mark.parametrize("make", KINDS)
 async def test_the_end_comes_after_the_messages_sent_before_it(make) -> None:
     channel, peer = await make()

@@ -41,6 +41,10 @@ class ControlChannel(asyncio.Protocol):
 
     def __init__(self, max_buffer_size: int) -> None:
         self._unpacker = wire.unpacker(max_buffer_size=max_buffer_size)
+        self._fed = 0
+        self._clean = True
+        """Bytes fed to the streaming decoder, and whether its last message ended where they do (it
+        holds no part of one back, and the next read may be decoded whole)."""
         self._messages: deque[dict[str, Any]] = deque()
         self._waiter: asyncio.Future[dict[str, Any]] | None = None
         self._ready: Callable[[], None] | None = None
@@ -84,16 +88,22 @@ class ControlChannel(asyncio.Protocol):
             self._end(ChannelClosed())
             return
         try:
-            self._unpacker.feed(data)
-            for message in self._unpacker:
-                if type(message) is not dict:
-                    raise ProtocolViolation("a control message must be a map")
-                waiter = self._waiter
-                if waiter is not None and not waiter.done():
-                    self._waiter = None
-                    waiter.set_result(message)
+            if self._clean:  # the usual: a read holds one whole message
+                try:
+                    message = wire.unpack_one(data)
+                except ValueError:  # part of one, or several: the streaming decoder's
+                    pass
                 else:
-                    self._messages.append(message)
+                    self._arrived(message)
+                    data = b""
+            if data:
+                unpacker = self._unpacker
+                unpacker.feed(data)
+                self._fed += len(data)
+                self._clean = False
+                for message in unpacker:
+                    self._clean = unpacker.tell() == self._fed
+                    self._arrived(message)
         except ProtocolViolation as exc:
             self._end(exc)
         except ValueError as exc:  # msgpack's BufferFull, malformed ext types, bad data
@@ -103,6 +113,16 @@ class ControlChannel(asyncio.Protocol):
         if len(self._messages) > MAX_QUEUED and self._reading:
             self._reading = False
             self._pause_reading()
+
+    def _arrived(self, message: Any) -> None:
+        if type(message) is not dict:
+            raise ProtocolViolation("a control message must be a map")
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._waiter = None
+            waiter.set_result(message)
+        else:
+            self._messages.append(message)
 
     def next_message(self) -> dict[str, Any] | None:
         """The next message already received, if any; raises once they are over."""

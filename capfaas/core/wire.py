@@ -41,6 +41,13 @@ def packer() -> Callable[[dict[str, Any]], bytes]:
     return msgpack.Packer(default=_default, use_bin_type=True).pack
 
 
+def unpack_one(data: bytes) -> Any:
+    """The one whole message ``data`` holds, decoded as ``unpacker`` decodes; ValueError when it
+    holds less or more (a reply usually comes in one read: decoding it whole skips the streaming
+    decoder's buffer and the StopIteration that ends each read)."""
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+
+
 def unpacker(max_buffer_size: int = 64 << 20) -> msgpack.Unpacker:
     """A streaming decoder; ``max_buffer_size`` bounds what one peer can make us hold."""
     return msgpack.Unpacker(ext_hook=_ext_hook, raw=False, strict_map_key=False,
