@@ -34,6 +34,7 @@ class Call:
     path: str
     """What follows ``/function/{name}``, with its leading slash."""
     query: dict[str, str]
+    """Read only: the fast path shares one dict between requests to the same URL."""
     headers: dict[str, str]
     """The request's headers as the function sees them."""
     start_ns: int

@@ -41,6 +41,8 @@ log = logging.getLogger("capfaas.gateway")
 MAX_HEAD = 8 << 10
 MAX_HEADERS = 100
 """A request with a longer head, or more header lines, goes to aiohttp, which applies its limits."""
+MAX_TARGETS = 4096
+"""URLs whose function, path and query are kept parsed."""
 MAX_PIPELINED = 16
 """Complete requests waiting for their turn on one connection before it stops reading."""
 _METHODS = {method.encode(): method for method in ("GET", "POST", "PUT", "PATCH", "DELETE")}
@@ -79,6 +81,7 @@ class InvocationProtocol(asyncio.Protocol):
         self._body: list[bytes] = []
         self._head_size = 0
         self._length = 0
+        self._target: tuple[str, str, dict[str, str]] = ("", "", {})
         self._method = ""
         self._seen: dict[str, str] = {}
         self._call_id = ""
@@ -196,7 +199,8 @@ class InvocationProtocol(asyncio.Protocol):
         url = self._url
         raw_method = parser.get_method()
         method = _METHODS.get(raw_method)
-        if (method is None or not url.startswith(_PREFIX) or _LEFT_TO_AIOHTTP.search(url) or not url.isascii()
+        target = _targets.get(url) or _target(url)
+        if (method is None or target is None
                 or not self._raw.startswith(_VERSION, self._start + len(raw_method) + len(url) + 2)
                 or parser.should_upgrade()):
             raise _HandOver
@@ -224,6 +228,7 @@ class InvocationProtocol(asyncio.Protocol):
             raise _HandOver
         self._head_size = end + 4
         self._length = length
+        self._target = target
         self._method = method
         self._seen = seen
         self._call_id = call_id
@@ -400,15 +405,8 @@ class InvocationProtocol(asyncio.Protocol):
 
     def _call(self) -> Call:
         """The invocation the request just parsed asks for."""
-        target, _, query_text = self._url[len(_PREFIX):].decode("ascii").partition("?")
-        name, _, path = target.partition("/")
-        query: dict[str, str] = {}
-        if query_text:
-            for part in query_text.split("&"):
-                if part:
-                    key, _, value = part.replace("+", " ").partition("=")
-                    query.setdefault(key, value)
-        return Call(name, self._call_id or new_call_id(), self._method, "/" + path, query, self._seen, time.time_ns())
+        name, path, query = self._target
+        return Call(name, self._call_id or new_call_id(), self._method, path, query, self._seen, time.time_ns())
 
     def _send_bytes(self, status: int, headers: dict[str, str], body: Any, keep_alive: bool, more: str = "") -> int:
         if status in (204, 304):  # no body may follow these (whatever the function returned)
@@ -466,6 +464,29 @@ _header_lines: dict[tuple[str, str], str] = {}
 """Response header lines already made, by (name, value): functions send the same few again and again."""
 _date_second = 0
 _date_and_server = ""
+
+
+def _target(url: bytes) -> tuple[str, str, dict[str, str]] | None:
+    """The function, path and query a URL asks for, or None when the URL is aiohttp's; kept for
+    the next request to it (most requests repeat a few URLs)."""
+    if not url.startswith(_PREFIX) or _LEFT_TO_AIOHTTP.search(url) or not url.isascii():
+        return None
+    target, _, query_text = url[len(_PREFIX):].decode("ascii").partition("?")
+    name, _, path = target.partition("/")
+    query: dict[str, str] = {}
+    if query_text:
+        for part in query_text.split("&"):
+            if part:
+                key, _, value = part.replace("+", " ").partition("=")
+                query.setdefault(key, value)
+    parsed = (name, "/" + path, query)
+    if len(_targets) < MAX_TARGETS and len(url) <= 256:  # bounded: a client may send endless new URLs
+        _targets[url] = parsed
+    return parsed
+
+
+_targets: dict[bytes, tuple[str, str, dict[str, str]]] = {}
+"""What each URL seen asks for: its query dict is shared by every request to it, and only read."""
 
 
 def _text_of(value: bytes) -> str:
