@@ -12,8 +12,11 @@ Three servers on 127.0.0.1, each answering the same no-op handler (functions-fra
 - functions-framework: Google's server under gunicorn, with as many workers as capfaas uses cores
   (the gateway process and its cVM processes share every core of the machine).
 
-wrk loads each in turn at concurrency 1 and 32 (one wrk thread, --latency), in rounds (three by
-default) so that the three servers see the same drift of a shared machine; the script prints
+wrk loads each in turn at concurrency 1 and 32 (one wrk thread, --latency), in rounds (five by
+default) so that the three servers see the same drift of a shared machine. wrk runs on the last
+CPU (``--wrk-cpu``; ``any`` lets the scheduler place it): left free on a small machine, it is often
+woken onto the CPU of the server it loads and takes turns with it, which no client on its own
+machine does, and which moves one round's figures by half. The script prints
 requests/s, p50 and p99 (medians over the rounds), the ratios the issue sets as targets (each the
 median of its per-round ratios), and whether each is met. Then it
 POSTs 64 MiB to the word-count function and reads the gateway's peak memory from
@@ -140,8 +143,10 @@ def _micros(text: str) -> float:
     return float(match[1]) * _UNITS[match[2]]
 
 
-def wrk(url: str, connections: int, seconds: float) -> Figures:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
+def wrk(url: str, connections: int, seconds: float, cpu: int | None = None) -> Figures:
+    """wrk's figures for ``url``; run on ``cpu`` when given, else wherever the scheduler puts it."""
+    pinned = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    out = subprocess.run([*pinned, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
                          capture_output=True, text=True, check=True).stdout
     percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
     rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out)[1])  # type: ignore[index]
@@ -205,8 +210,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
     parser.add_argument("--quick", action="store_true", help="2-second runs")
-    parser.add_argument("--rounds", type=int, default=3, help="wrk runs per server and concurrency, interleaved "
-                                                               "(default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="wrk runs per server and concurrency, interleaved "
+                                                               "(default 5)")
+    parser.add_argument("--wrk-cpu", default="last",
+                        help="the CPU wrk runs on: a number, last (the default) or any (the scheduler's choice)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="gunicorn workers for functions-framework (default: the cores capfaas uses, all of them)")
     parser.add_argument("--instances", type=int, default=0,
@@ -225,6 +232,12 @@ def main() -> int:
         print("bench/http.py needs functions-framework and gunicorn: pip install -e '.[bench]'", file=sys.stderr)
         return 2
     seconds = 2.0 if args.quick else args.duration
+    cpus = sorted(os.sched_getaffinity(0))
+    wrk_cpu = None
+    if args.wrk_cpu == "last":
+        wrk_cpu = cpus[-1] if len(cpus) > 1 and shutil.which("taskset") else None
+    elif args.wrk_cpu != "any":
+        wrk_cpu = int(args.wrk_cpu)
 
     work = Path(tempfile.mkdtemp(prefix="capfaas-bench-http-"))
     handler = work / "noop.py"
@@ -255,14 +268,15 @@ def main() -> int:
         urls = {"capfaas": f"{base}/function/noop", "ceiling": f"http://127.0.0.1:{ports['ceiling']}/function/noop",
                 "functions-framework": f"http://127.0.0.1:{ports['functions-framework']}/"}
 
-        print(f"no-op handler, keep-alive, wrk 1 thread, {seconds:g} s per run; {os.cpu_count()} cores; "
+        print(f"no-op handler, keep-alive, wrk 1 thread on {'any CPU' if wrk_cpu is None else f'CPU {wrk_cpu}'}, "
+              f"{seconds:g} s per run, {args.rounds} rounds; {os.cpu_count()} cores; "
               f"capfaas with {args.instances or 'the default maximum of'} cVMs; "
               f"functions-framework under gunicorn with {args.workers} workers")
         rounds: dict[int, list[dict[str, Figures]]] = {}
         for connections in (1, 32):
             for url in urls.values():
-                wrk(url, connections, 1.0)  # warm: instances started, caches hot
-            rounds[connections] = [{name: wrk(url, connections, seconds) for name, url in urls.items()}
+                wrk(url, connections, 1.0, wrk_cpu)  # warm: instances started, caches hot
+            rounds[connections] = [{name: wrk(url, connections, seconds, wrk_cpu) for name, url in urls.items()}
                                    for _ in range(args.rounds)]
             for name in urls:
                 runs = [run[name] for run in rounds[connections]]
