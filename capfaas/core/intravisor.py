@@ -607,7 +607,8 @@ class Intravisor:
                 cvm.peak_rss = reply["rss"]
             if isinstance(reply.get("cpu"), float):
                 cvm.cpu_seconds = reply["cpu"]
-        return Result(status, headers, body, "error" if error else "ok", error, b"", b"", 0.0, capability, stream)  # positionally: see Result
+        # positionally (stdout, stderr and duration are filled in later): see Result
+        return Result(status, headers, body, "error" if error else "ok", error, b"", b"", 0.0, capability, stream)
 
 
 def _raise_descriptor_limit() -> None:

@@ -333,8 +333,8 @@ class InvocationProtocol(asyncio.Protocol):
         if relay is not None:
             self._under_way = self._loop.create_task(relay)
             return
-        deployed.pool.release(cvm)  # as ``finished_call`` does
-        self._gateway.metrics.meter(call.name).finished(str(reply.status), result.duration, length)
+        finished_call(deployed.pool.release, cvm, self._gateway.metrics.meter(call.name), result.duration,
+                      reply.status, length)
         self._answered()
 
     def _answered(self) -> None:
