@@ -17,6 +17,9 @@ from typing import Any
 
 import pytest
 
+from capfaas.core.cvm import State
+from capfaas.gateway.warm import LEAVE_GRACE
+
 from .gateway_support import AUTH, FUNCTIONS, deploy, running_gateway
 
 ECHO = (FUNCTIONS / "echo.py").read_text()
@@ -346,6 +349,35 @@ async def test_a_client_that_leaves_while_queued_frees_its_place(gateway: Any) -
     gateway_state, _ = gateway
     pool = gateway_state.service.get("sleepy").pool
     assert not [waiter for waiter in pool.waiters if not waiter.done()] and len(pool.idle) == 1
+
+
+async def test_a_client_that_leaves_a_quick_invocation_leaves_its_instance_serving(gateway: Any) -> None:
+    """The client hangs up while its invocation runs: a reply within ``LEAVE_GRACE`` gives the
+    instance back (no new one is started for the next request); one that takes longer has its
+    cVM stopped, so that the next request does not wait for work nobody wants."""
+    gateway_state, client = gateway
+    await deploy(client, "sleepy", (FUNCTIONS / "sleepy.py").read_text(), labels={"com.openfaas.scale.max": "1"})
+    async with connected(client.server.port) as first:
+        first.send(get("/function/sleepy?seconds=0"))
+        assert (await first.response())[0] == 200
+    pool = gateway_state.service.get("sleepy").pool
+    (instance,) = pool.instances
+    quick = await Connection.open(client.server.port)
+    quick.send(get(f"/function/sleepy?seconds={LEAVE_GRACE / 4}"))
+    await asyncio.sleep(LEAVE_GRACE / 8)  # the invocation is under way
+    quick.close()
+    await asyncio.sleep(LEAVE_GRACE * 2)
+    assert pool.instances == {instance} and pool.cold_starts == 1 and gateway_state.in_flight == 0
+    slow = await Connection.open(client.server.port)
+    slow.send(get("/function/sleepy?seconds=5"))
+    await asyncio.sleep(LEAVE_GRACE / 2)
+    slow.close()
+    await asyncio.sleep(LEAVE_GRACE * 2)
+    assert instance not in pool.instances and instance.state is State.STOPPED and gateway_state.in_flight == 0
+    started = time.monotonic()
+    async with connected(client.server.port) as after:
+        after.send(get("/function/sleepy?seconds=0"))
+        assert (await after.response())[0] == 200 and time.monotonic() - started < 2
 
 
 async def test_a_request_queued_for_a_replaced_version_is_served_by_the_new_one(gateway: Any) -> None:

@@ -25,13 +25,15 @@ Outcome = Any
 or None, when the call is ``run_call``'s to make."""
 
 _ACQUIRING, _RUNNING, _ENDED = range(3)
+LEAVE_GRACE = 0.1
+"""Seconds a running invocation whose client went away may still answer, to keep its instance."""
 
 
 class WarmCall:
     """One invocation with its whole body: ``begin`` it, and ``done(outcome)`` is called once
     (maybe before ``begin`` returns), unless it is cancelled first."""
 
-    __slots__ = ("gateway", "call", "body", "done", "deployed", "cvm", "waiter", "running", "phase")
+    __slots__ = ("gateway", "call", "body", "done", "deployed", "cvm", "waiter", "running", "phase", "grace")
 
     def __init__(self, gateway: Gateway, call: Call, body: bytes, done: Callable[[Outcome], None]) -> None:
         self.gateway = gateway
@@ -44,6 +46,8 @@ class WarmCall:
         """The pool's future of an instance, while queued for one."""
         self.running: Running | None = None
         self.phase = _ACQUIRING
+        self.grace: asyncio.TimerHandle | None = None
+        """The wait for the reply after the client went away."""
 
     def begin(self) -> None:
         """Take an instance of the function's current version, and invoke it."""
@@ -72,18 +76,23 @@ class WarmCall:
             self._invoke(taken)
 
     def cancel(self) -> None:
-        """The client went away: an instance it waited for goes back to the pool, and one that is
-        running its invocation is stopped (its reply would come to the next caller)."""
+        """The client went away: an instance it waited for goes back to the pool. One running its
+        invocation goes back too if its reply comes within ``LEAVE_GRACE`` (a quick function's
+        usually does: a load generator that stops drops dozens at once); it is stopped otherwise,
+        since its reply would come to the next caller."""
         phase, self.phase = self.phase, _ENDED
         if phase == _ACQUIRING and self.waiter is not None:
             self.waiter.cancel()  # one handed over already is given back when its callback runs
         elif phase == _RUNNING:
-            running, self.running = self.running, None
-            assert running is not None
-            if self.gateway.intravisor.abandon(running):
-                end_invocation(self.gateway)
-                retire(self.gateway, self.deployed.pool, self.cvm, "the client went away during the invocation")
-            # otherwise the intravisor is ending it (stopping its cVM): ``_result`` gives it back
+            self.grace = asyncio.get_running_loop().call_later(LEAVE_GRACE, self._give_up)
+
+    def _give_up(self) -> None:
+        """The reply did not come within the grace: the invocation is abandoned, its cVM stopped."""
+        running, self.running = self.running, None
+        if running is not None and self.gateway.intravisor.abandon(running):
+            end_invocation(self.gateway)
+            retire(self.gateway, self.deployed.pool, self.cvm, "the client went away during the invocation")
+        # otherwise the intravisor is ending it (stopping its cVM): ``_result`` gives it back
 
     def _taken(self, waiter: asyncio.Future[Any]) -> None:
         self.waiter = None
@@ -122,14 +131,15 @@ class WarmCall:
         self.running = None
         gateway = self.gateway
         end_invocation(gateway)
-        if self.phase != _RUNNING:  # the client went away while the cVM was being stopped
-            self.deployed.pool.release(self.cvm)
+        if self.phase != _RUNNING:  # the client went away: its answer is dropped
+            if self.grace is not None:
+                self.grace.cancel()
+            self.deployed.pool.release(self.cvm)  # a cVM stopped meanwhile is replaced
             return
         if error is not None:
             self._end(invocation_failed(gateway, self.deployed.pool, self.cvm, self.call, error))
             return
-        self.phase = _ENDED
-        self.done((self.deployed, result, False, self.cvm))
+        self._end((self.deployed, result, False, self.cvm))
 
     def _end(self, outcome: Outcome) -> None:
         self.phase = _ENDED
