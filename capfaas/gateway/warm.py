@@ -88,6 +88,7 @@ class WarmCall:
 
     def _give_up(self) -> None:
         """The reply did not come within the grace: the invocation is abandoned, its cVM stopped."""
+        self.grace = None
         running, self.running = self.running, None
         if running is not None and self.gateway.intravisor.abandon(running):
             end_invocation(self.gateway)
@@ -134,6 +135,7 @@ class WarmCall:
         if self.phase != _RUNNING:  # the client went away: its answer is dropped
             if self.grace is not None:
                 self.grace.cancel()
+                self.grace = None
             self.deployed.pool.release(self.cvm)  # a cVM stopped meanwhile is replaced
             return
         if error is not None:
