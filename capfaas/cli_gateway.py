@@ -17,6 +17,18 @@ MAX_BUNDLE_FILES = 1000
 SKIPPED = ("__pycache__", ".git", ".venv", ".capfaas")
 
 
+CPU_PLACEMENTS = ("auto", "dedicated", "shared")
+
+
+def cpu_placement(value: str) -> str:
+    """Checked here rather than by ``choices``, which argparse does not apply to a default taken
+    from the environment."""
+    if value not in CPU_PLACEMENTS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a CPU placement (from --cpu-placement or "
+                                         f"CAPFAAS_CPU_PLACEMENT): choose {', '.join(CPU_PLACEMENTS)}")
+    return value
+
+
 def _client(args: argparse.Namespace) -> GatewayClient:
     return GatewayClient(args.gateway, Path(args.state_dir) if args.state_dir else None)
 
@@ -27,7 +39,7 @@ def serve(args: argparse.Namespace) -> int:
     from .gateway.server import run_server
 
     run_server(Path(args.state_dir) if args.state_dir else default_state_dir(), args.host, args.port,
-               args.backend, [Path(d) for d in args.deploy], max_body=args.max_body)
+               args.backend, [Path(d) for d in args.deploy], max_body=args.max_body, cpu_placement=args.cpu_placement)
     return 0
 
 
@@ -243,6 +255,10 @@ def register(verbs: argparse._SubParsersAction, add_verb: Any) -> None:
     verb.add_argument("--deploy", action="append", default=[], metavar="DIR",
                       help="deploy every *.py in DIR at start (repeatable)")
     verb.add_argument("--max-body", type=int, default=256 << 20, help="largest request body in bytes (default: 256 MiB)")
+    verb.add_argument("--cpu-placement", choices=CPU_PLACEMENTS, type=cpu_placement,
+                      default=os.environ.get("CAPFAAS_CPU_PLACEMENT", "auto"),
+                      help="auto (default): while the gateway is busy, it runs on one CPU and the cVMs on the "
+                           "others; dedicated: always so; shared: all on every CPU. Env CAPFAAS_CPU_PLACEMENT")
 
     verb = add_verb(verbs, deploy, parents=[common])
     verb.add_argument("path", metavar="PATH", help="a function file, or a directory with handler.py "

@@ -133,6 +133,11 @@ class Backend(abc.ABC):
         """Start a template for ``spec``, or None when this backend cannot clone cVMs (each start is fresh)."""
         return None
 
+    def confine(self, cpus: frozenset[int]) -> bool:
+        """Run every cVM, and every cVM cloned from now on, on ``cpus`` only; False when this
+        backend cannot place its cVMs (the gateway then leaves its own CPUs alone too)."""
+        return False
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop every cVM and helper and release the memory."""

@@ -65,6 +65,8 @@ class Settings:
     async_queue: int = 1024
     async_queue_bytes: int = 1 << 30
     async_workers: int = 8
+    cpu_placement: str = "auto"
+    """Whether the event loop takes a CPU of its own: ``auto`` (while busy), ``dedicated``, ``shared``."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -106,6 +106,7 @@ def gateway_metrics() -> Metrics:
         ("capfaas_instances", "gauge", "cVMs per function and state"),
         ("capfaas_capability_faults_total", "counter", "cVMs stopped for breaking a capability rule"),
         ("capfaas_payload_bytes_total", "counter", "Request and response body bytes by function and direction"),
+        ("capfaas_gateway_dedicated_cpu", "gauge", "1 while the gateway's event loop has a CPU to itself"),
     ):
         metrics.describe(name, kind, text)
     return metrics

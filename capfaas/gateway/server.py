@@ -24,6 +24,7 @@ from .async_calls import AsyncCalls, Queued
 from .fastpath import GatewayRunner
 from .logs import LogStore
 from .metrics import gateway_metrics
+from .placement import Placement
 from .service import FunctionService
 
 log = logging.getLogger("capfaas.gateway")
@@ -113,6 +114,9 @@ async def deploy_directory(gateway: Gateway, directory: Path) -> list[str]:
 
 async def serve(settings: Settings, host: str, port: int, backend: str, deploy: Iterable[Path] = ()) -> None:
     gateway = await open_gateway(settings, backend)
+    placement = Placement(gateway.intravisor.backend, settings.cpu_placement)
+    placement.start()
+    gateway.metrics.gauge("capfaas_gateway_dedicated_cpu", lambda: {(): float(placement.dedicated)})
     try:
         for directory in deploy:
             names = await deploy_directory(gateway, directory)
@@ -134,6 +138,7 @@ async def serve(settings: Settings, host: str, port: int, backend: str, deploy: 
         log.warning("shutting down: draining in-flight invocations")
         await runner.cleanup()  # stops accepting, waits for in-flight requests up to the drain time
     finally:
+        placement.close()
         await close_gateway(gateway)
 
 

@@ -29,6 +29,23 @@ PASSED_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "CAPFAAS_PUREPYTHON", "CAP
 """All the template inherits: nothing of the gateway's secrets reaches function code."""
 
 
+def session_members(session: int) -> list[int]:
+    """The processes of ``session`` (read from /proc: a cVM is not this process's child)."""
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                line = stat.read()
+        except OSError:  # ended meanwhile
+            continue
+        fields = line[line.rindex(b")") + 2:].split()  # after the command, which may hold anything
+        if int(fields[3]) == session:
+            members.append(int(name))
+    return members
+
+
 class EmulatedProcess(CVMProcess):
     """A cVM forked by the template; it is not our child, so it is watched through a pidfd."""
 
@@ -438,6 +455,19 @@ class EmulatedBackend(Backend):
     def forget(self, pid: int) -> None:
         """Drop the bookkeeping of a cVM that has ended."""
         self._exits.pop(pid, None)
+
+    def confine(self, cpus: frozenset[int]) -> bool:
+        """Every thread of the template's session: the template, the function templates and the
+        cVMs they clone, which inherit the CPUs of the template they are cloned from."""
+        if self._template is None or self._template.returncode is not None:
+            return False
+        for pid in session_members(self._template.pid):
+            try:
+                for thread in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setaffinity(int(thread), cpus)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):  # ended meanwhile, or not ours
+                continue
+        return True
 
     async def close(self) -> None:
         if self._template is not None and self._template.returncode is None:
