@@ -114,10 +114,11 @@ async def deploy_directory(gateway: Gateway, directory: Path) -> list[str]:
 
 async def serve(settings: Settings, host: str, port: int, backend: str, deploy: Iterable[Path] = ()) -> None:
     gateway = await open_gateway(settings, backend)
-    placement = Placement(gateway.intravisor.backend, settings.cpu_placement)
-    placement.start()
-    gateway.metrics.gauge("capfaas_gateway_dedicated_cpu", lambda: {(): float(placement.dedicated)})
+    placement: Placement | None = None
     try:
+        placement = Placement(gateway.intravisor.backend, settings.cpu_placement)
+        placement.start()
+        gateway.metrics.gauge("capfaas_gateway_dedicated_cpu", lambda placed=placement: {(): float(placed.dedicated)})
         for directory in deploy:
             names = await deploy_directory(gateway, directory)
             if names:
@@ -138,7 +139,8 @@ async def serve(settings: Settings, host: str, port: int, backend: str, deploy: 
         log.warning("shutting down: draining in-flight invocations")
         await runner.cleanup()  # stops accepting, waits for in-flight requests up to the drain time
     finally:
-        placement.close()
+        if placement is not None:
+            placement.close()
         await close_gateway(gateway)
 
 
