@@ -110,6 +110,18 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 6
     raise SystemExit(f"{url} did not come up in {timeout:g} s")
 
 
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every server still running (each drains), then wait; kill one that takes 40 s."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def system_request(base: str, method: str, path: str, payload: object) -> bytes:
     token = base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
     request = urllib.request.Request(base + path, data=json.dumps(payload).encode(), method=method,
@@ -315,14 +327,7 @@ def main() -> int:
         memory_figures("ceiling", ports["ceiling"], ceiling.pid, body_file, 1)
         return 0
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(40)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
         logs.close()
         shutil.rmtree(work, ignore_errors=True)
 

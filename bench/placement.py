@@ -24,7 +24,6 @@ if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
 import argparse
 import importlib.util
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -118,14 +117,7 @@ def main() -> int:
                   f"{median(r[name].rps / r['shared'].rps for r in heavy):.2f}x shared")
         return 0
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(40)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        http.stop_all(processes)
         logs.close()
         shutil.rmtree(work, ignore_errors=True)
 
