@@ -2,8 +2,8 @@
 
 The gateway is one event loop. A cVM woken on the loop's CPU either preempts it (a context switch
 per invocation) or, under SCHED_BATCH, waits behind it for the rest of its time slice, holding a
-reply the loop is waiting for: under a flood of quick invocations, that wait was the latency
-tail. So while the loop is busy it runs on one CPU and the cVMs on the others; once it is not
+reply the loop is waiting for: under a flood of quick invocations, both cost throughput and
+lengthen the latency tail. So while the loop is busy it runs on one CPU and the cVMs on the others; once it is not
 (functions doing real work, or nothing), everything shares every CPU again and no cVM loses a core.
 """
 from __future__ import annotations
